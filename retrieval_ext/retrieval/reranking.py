@@ -1,0 +1,213 @@
+"""Spatial reranking of the top N filtered images (Salvador et al. 2016, Sec. 3.2).
+
+* CA-SR (class-agnostic): an image scores the best cosine similarity between the query region
+  vector and any of its proposals' region vectors (RPA); that proposal's box locates the object.
+* CS-SR (class-specific): an image scores the best probability of the query's class among its
+  proposals, with a network fine-tuned on the query objects; that proposal's (class-regressed)
+  box locates the object.
+
+Per-image region data are read through *accessors*: either a sequence (``data[i]``) or a callable
+(``fn(i)``), both giving the array for database index ``i``. Only the first ``top_n`` images of the
+ranking are ever accessed, so an index store can serve lazily read memory-mapped slices. Arrays may
+be float16; each one is upcast to float32 when read. All boxes are XYXY in original-image pixels,
+passed through unchanged.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .normalization import l2_normalize
+
+__all__ = ["RerankResult", "class_agnostic_rerank", "class_specific_rerank", "make_accessor"]
+
+
+@dataclass
+class RerankResult:
+    """A ranking whose first ``top_n`` entries were spatially reranked.
+
+    Attributes:
+        order (np.ndarray): int64 (L,) database indices, best first: the reranked block (``top_n``
+            images sorted by rerank score, ties and -inf keeping their filtering order) followed
+            by the rest of the input ranking unchanged.
+        scores (np.ndarray): float32 (L,). For the block, the rerank score (cosine similarity for
+            CA-SR, class probability for CS-SR, -inf for images without proposals); for the tail,
+            the *filtering* scores that were passed in. The two are on different scales: compare
+            scores only within the block or within the tail.
+        boxes (np.ndarray): float32 (L, 4) located box per entry, XYXY in original-image pixels;
+            NaN rows for the tail, for images without proposals and when no boxes were given.
+        best_proposal (np.ndarray): int64 (L,) index of the best proposal within its image for the
+            block; -1 for the tail and for images without proposals.
+        top_n (int): size of the reranked block, ``min(top_n, L)``.
+    """
+
+    order: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+    best_proposal: np.ndarray
+    top_n: int
+
+
+def make_accessor(data):
+    """Turn a sequence or a callable into ``fn(db_index) -> np.ndarray or None``.
+
+    Args:
+        data (callable, sequence or None): ``data(i)`` or ``data[i]`` gives the array of database
+            image ``i``; None gives an accessor that always returns None.
+
+    Returns:
+        callable
+    """
+    if data is None:
+        return lambda i: None
+    if callable(data):
+        return data
+    return lambda i: data[i]
+
+
+def _read(acc, i, ndim_tail, name):
+    """Read an accessor entry as float32 with shape (K, *tail); None counts as K = 0."""
+    arr = acc(int(i))
+    if arr is None:
+        return None
+    arr = np.asarray(arr).astype(np.float32, copy=False)
+    if arr.ndim != ndim_tail + 1:
+        raise ValueError(f"{name}[{i}] must be {ndim_tail + 1}-D, got shape {arr.shape}")
+    return arr
+
+
+def _check_ranking(order, scores, top_n):
+    order = np.asarray(order, dtype=np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
+    if order.ndim != 1 or scores.shape != order.shape:
+        raise ValueError(
+            f"order and scores must be 1-D of equal length: {order.shape}, {scores.shape}"
+        )
+    if int(top_n) < 0:
+        raise ValueError(f"top_n must be >= 0, got {top_n}")
+    return order, scores, min(int(top_n), order.size)
+
+
+def _assemble(order, scores, n, block_scores, block_boxes, block_best):
+    """Stable-sort the first n entries by block score (descending) and append the tail."""
+    # Stable sort on the negated score keeps the filtering order among ties; -inf sorts last.
+    perm = np.argsort(-block_scores, kind="stable")
+    total = order.size
+    out_scores = scores.copy()
+    out_scores[:n] = block_scores[perm]
+    boxes = np.full((total, 4), np.nan, dtype=np.float32)
+    boxes[:n] = block_boxes[perm]
+    best = np.full(total, -1, dtype=np.int64)
+    best[:n] = block_best[perm]
+    out_order = order.copy()
+    out_order[:n] = order[:n][perm]
+    return RerankResult(out_order, out_scores, boxes, best, n)
+
+
+def class_agnostic_rerank(
+    query_region, order, scores, region_vectors, region_boxes=None, top_n=100
+):
+    """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
+
+    Args:
+        query_region (array-like): (D,) query region vector (pooled from the query box on the query
+            image's conv map and normalised like the RPA vectors).
+        order (array-like): (L,) database indices from the filtering stage, best first.
+        scores (array-like): (L,) filtering scores of ``order``.
+        region_vectors (sequence or callable): database index -> (K_i, D) RPA vectors of that
+            image's proposals (K_i may be 0; None counts as no proposals). They are L2-normalised
+            here, so already-normalised vectors are used as they are.
+        region_boxes (sequence, callable or None): database index -> (K_i, 4) proposal boxes, XYXY
+            in original-image pixels. None: located boxes are NaN.
+        top_n (int): number of images reranked (the paper uses 100).
+
+    Returns:
+        RerankResult: block scores are cosine similarities in [-1, 1]; images without proposals
+        score -inf.
+    """
+    q = l2_normalize(np.asarray(query_region).reshape(-1))
+    order, scores, n = _check_ranking(order, scores, top_n)
+    vec_acc, box_acc = make_accessor(region_vectors), make_accessor(region_boxes)
+    block_scores = np.full(n, -np.inf, dtype=np.float32)
+    block_boxes = np.full((n, 4), np.nan, dtype=np.float32)
+    block_best = np.full(n, -1, dtype=np.int64)
+    for j, i in enumerate(order[:n]):
+        vecs = _read(vec_acc, i, 1, "region_vectors")
+        if vecs is None or vecs.shape[0] == 0:
+            continue
+        if vecs.shape[1] != q.size:
+            raise ValueError(f"region_vectors[{i}] has dim {vecs.shape[1]}, query has {q.size}")
+        sims = l2_normalize(vecs) @ q
+        b = int(np.argmax(sims))
+        block_scores[j], block_best[j] = sims[b], b
+        boxes = _read(box_acc, i, 1, "region_boxes")
+        if boxes is not None:
+            if boxes.shape != (vecs.shape[0], 4):
+                raise ValueError(
+                    f"region_boxes[{i}] has shape {boxes.shape}, expected ({vecs.shape[0]}, 4)"
+                )
+            block_boxes[j] = boxes[b]
+    return _assemble(order, scores, n, block_scores, block_boxes, block_best)
+
+
+def class_specific_rerank(class_id, order, scores, class_scores, region_boxes=None, top_n=100):
+    """CS-SR: rerank the top ``top_n`` images by their best proposal's probability of ``class_id``.
+
+    Args:
+        class_id (int): foreground class of the query object, 0 <= class_id < C.
+        order (array-like): (L,) database indices from the filtering stage, best first.
+        scores (array-like): (L,) filtering scores of ``order``.
+        class_scores (sequence or callable): database index -> (K_i, C + 1) softmax class scores of
+            that image's proposals, background last (detectron2's convention). K_i may be 0; None
+            counts as no proposals.
+        region_boxes (sequence, callable or None): database index -> proposal boxes, XYXY in
+            original-image pixels, either class-agnostic (K_i, 4) or class-specific (K_i, C, 4) /
+            (K_i, 4 * C) (detectron2's ``predict_boxes`` layout); with class-specific boxes the
+            ``class_id`` box of the best proposal is returned. None: located boxes are NaN.
+        top_n (int): number of images reranked.
+
+    Returns:
+        RerankResult: block scores are probabilities in [0, 1]; images without proposals score
+        -inf.
+    """
+    class_id = int(class_id)
+    if class_id < 0:
+        raise ValueError(f"class_id must be >= 0, got {class_id}")
+    order, scores, n = _check_ranking(order, scores, top_n)
+    cls_acc, box_acc = make_accessor(class_scores), make_accessor(region_boxes)
+    block_scores = np.full(n, -np.inf, dtype=np.float32)
+    block_boxes = np.full((n, 4), np.nan, dtype=np.float32)
+    block_best = np.full(n, -1, dtype=np.int64)
+    for j, i in enumerate(order[:n]):
+        probs = _read(cls_acc, i, 1, "class_scores")
+        if probs is None or probs.shape[0] == 0:
+            continue
+        num_classes = probs.shape[1] - 1
+        if class_id >= num_classes:
+            raise ValueError(
+                f"class_id {class_id} is not a foreground class of {num_classes} "
+                f"(class_scores[{i}] has {probs.shape[1]} columns, background last)"
+            )
+        b = int(np.argmax(probs[:, class_id]))
+        block_scores[j], block_best[j] = probs[b, class_id], b
+        boxes = box_acc(int(i))
+        if boxes is not None:
+            block_boxes[j] = _select_box(
+                np.asarray(boxes), b, class_id, probs.shape[0], num_classes, i
+            )
+    return _assemble(order, scores, n, block_scores, block_boxes, block_best)
+
+
+def _select_box(boxes, b, class_id, k, num_classes, i):
+    """Box of proposal b: class-agnostic (K, 4) or class-specific (K, C, 4) / (K, 4C)."""
+    boxes = boxes.astype(np.float32, copy=False)
+    if boxes.shape == (k, 4):
+        return boxes[b]
+    if boxes.shape == (k, num_classes, 4):
+        return boxes[b, class_id]
+    if boxes.shape == (k, 4 * num_classes):
+        return boxes[b].reshape(num_classes, 4)[class_id]
+    raise ValueError(
+        f"region_boxes[{i}] has shape {boxes.shape}; expected ({k}, 4), ({k}, {num_classes}, 4) "
+        f"or ({k}, {4 * num_classes})"
+    )

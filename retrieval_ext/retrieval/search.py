@@ -1,0 +1,239 @@
+"""Search a stored index with a query record: filtering, spatial reranking, query expansion.
+
+Every stage reads stored features only; the network never runs here. Stage names:
+
+- ``filtering``: cosine ranking of the whole database by IPA (L2 / whitening / L2 for sum).
+- ``filtering_qe``: the paper's global query expansion: the query IPA averaged with the top M
+  database IPA vectors, then filtering again.
+- ``ca_sr``: class-agnostic spatial reranking of the filtering top N: an image scores the best
+  cosine similarity between the query region vector and its stored proposal RPA vectors.
+- ``ca_sr_qe``: ``qe_rerank_mode="region"`` (default): the query region vector averaged with the
+  RPA of the best proposals of the CA-SR top M, then the filtering top N reranked again with it;
+  ``"global"``: the query IPA averaged with the IPA of the CA-SR top M, filtering again, and CA-SR
+  of the new top N with the original query region.
+- ``cs_sr``: class-specific spatial reranking of the filtering top N: an image scores the best
+  stored probability of the query's class among its proposals (needs a model fine-tuned on the
+  query objects).
+- ``cs_sr_qe``: the global form: the query IPA averaged with the IPA of the CS-SR top M,
+  filtering again, and CS-SR of the new top N.
+"""
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
+from .query_expansion import (
+    average_query_expansion,
+    gather_best_region_vectors,
+    region_query_expansion,
+)
+from .ranking import rank
+from .reranking import class_agnostic_rerank, class_specific_rerank
+
+__all__ = ["STAGES", "StageResult", "InstanceSearcher"]
+
+STAGES = ("filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe")
+CS_STAGES = ("cs_sr", "cs_sr_qe")
+
+
+@dataclass
+class StageResult:
+    """The ranking one stage gives for one query.
+
+    Attributes:
+        order: int64 (N,) database indices, best first (the whole database).
+        scores: float32 (N,) the stage's scores (for reranked stages: rerank scores for the top N,
+            filtering scores after them).
+        boxes: float32 (N, 4) located box per entry, XYXY original-image pixels; NaN where the
+            stage does not locate (filtering stages, the tail after the reranked block).
+        seconds: wall time of this stage alone (excluding the stages it builds on).
+        best_proposal: int64 (N,) index of the located proposal within its image, -1 where none.
+        top_n: size of the reranked block (0 for filtering stages).
+    """
+
+    order: np.ndarray
+    scores: np.ndarray
+    boxes: np.ndarray
+    seconds: float
+    best_proposal: Optional[np.ndarray] = None
+    top_n: int = 0
+
+    @classmethod
+    def from_rerank(cls, r, seconds: float) -> "StageResult":
+        return cls(r.order, r.scores, r.boxes, seconds, r.best_proposal, r.top_n)
+
+
+def _no_boxes(n):
+    return np.full((n, 4), np.nan, dtype=np.float32)
+
+
+class InstanceSearcher:
+    """Searches one index. Thread-safe: search keeps no state between calls.
+
+    Args:
+        index: an :class:`~retrieval_ext.retrieval.index_store.IndexReader`.
+        whitening: PCA whitening applied to sum-pooled filtering vectors (queries and database).
+        filter_pooling: "sum" or "max" IPA for filtering.
+        rerank_pooling: "sum" or "max" region vectors for CA-SR.
+        query_region: "crop" (the box pooled on the query's conv map, as the paper) or "rpa" (the
+            box through the RoI pooler).
+        top_n: images reranked (the paper's N).
+        qe_m: images averaged into an expanded query (the paper's M).
+        qe_rerank_mode: "region" or "global" form of ``ca_sr_qe`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        index,
+        whitening: Optional[PCAWhitening] = None,
+        filter_pooling: str = "sum",
+        rerank_pooling: str = "max",
+        query_region: str = "crop",
+        top_n: int = 100,
+        qe_m: int = 5,
+        qe_rerank_mode: str = "region",
+    ):
+        for name, value, allowed in [
+            ("filter_pooling", filter_pooling, ("sum", "max")),
+            ("rerank_pooling", rerank_pooling, ("sum", "max")),
+            ("query_region", query_region, ("crop", "rpa")),
+            ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
+        ]:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.index = index
+        self.whitening = whitening
+        self.filter_pooling = filter_pooling
+        self.rerank_pooling = rerank_pooling
+        self.query_region = query_region
+        self.top_n = int(top_n)
+        self.qe_m = int(qe_m)
+        self.qe_rerank_mode = qe_rerank_mode
+        self.db = normalize_descriptors(
+            index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
+        )
+        self._rpa = index.region_accessor(f"rpa_{rerank_pooling}")
+        self._boxes = index.region_accessor("boxes")
+        self._scores = index.region_accessor("scores")
+        fields = set(index.schema.names)
+        self._class_boxes = index.region_accessor("class_boxes") if "class_boxes" in fields else None
+        self._lock = threading.Lock()
+        self._num_classes = None
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """Object classes of the stored class scores (without background); None if no proposal."""
+        with self._lock:
+            if self._num_classes is None:
+                for i in range(self.index.num_images):
+                    s = self._scores(i)
+                    if len(s):
+                        self._num_classes = int(s.shape[1]) - 1
+                        break
+        return self._num_classes
+
+    def query_vector(self, query: dict) -> np.ndarray:
+        """The query's normalised (and whitened) filtering vector, (D,)."""
+        v = np.asarray(query[f"ipa_{self.filter_pooling}"], dtype=np.float32)[None]
+        return normalize_descriptors(v, self.filter_pooling, self.whitening)[0]
+
+    def query_region_vector(self, query: dict) -> np.ndarray:
+        """The query box's normalised region vector for CA-SR, (C,)."""
+        v = np.asarray(query[f"{self.query_region}_{self.rerank_pooling}"], dtype=np.float32)
+        return l2_normalize(v)
+
+    def search(
+        self,
+        query: dict,
+        stages: Sequence[str] = STAGES,
+        class_id: Optional[int] = None,
+    ) -> Dict[str, StageResult]:
+        """Run the requested stages (and those they build on) for one query.
+
+        Args:
+            query: a query record (see ``extractor.outputs_to_query``).
+            stages: stage names, a subset of :data:`STAGES`.
+            class_id: the query object's class, required by the CS-SR stages.
+
+        Returns:
+            {stage: StageResult} for exactly the requested stages.
+        """
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+        if any(s in CS_STAGES for s in stages):
+            k = self.num_classes
+            if class_id is None or k is None or not 0 <= int(class_id) < k:
+                raise ValueError(
+                    f"CS-SR needs the query's class id in [0, {k}) of the fine-tuned model's "
+                    f"classes, got {class_id}"
+                )
+        n_db = self.db.shape[0]
+        out: Dict[str, StageResult] = {}
+        done: Dict[str, StageResult] = {}
+
+        def need(stage):
+            if stage not in done:
+                done[stage] = self._run_stage(stage, query, class_id, need, n_db)
+            return done[stage]
+
+        for s in stages:
+            out[s] = need(s)
+        return out
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _filter(self, qv):
+        order, scores = rank(qv[None], self.db)
+        return order[0], scores[0]
+
+    def _global_qe(self, qv, order):
+        return average_query_expansion(qv, self.db, order, self.qe_m)
+
+    def _ca(self, region, order, scores):
+        return class_agnostic_rerank(region, order, scores, self._rpa, self._boxes, self.top_n)
+
+    def _cs(self, class_id, order, scores):
+        boxes = self._class_boxes if self._class_boxes is not None else self._boxes
+        return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, self.top_n)
+
+    def _run_stage(self, stage, query, class_id, need, n_db) -> StageResult:
+        if stage == "filtering":
+            t = time.perf_counter()
+            order, scores = self._filter(self.query_vector(query))
+            return StageResult(order, scores, _no_boxes(n_db), time.perf_counter() - t)
+        if stage == "filtering_qe":
+            base = need("filtering")
+            t = time.perf_counter()
+            order, scores = self._filter(self._global_qe(self.query_vector(query), base.order))
+            return StageResult(order, scores, _no_boxes(n_db), time.perf_counter() - t)
+        if stage == "ca_sr":
+            base = need("filtering")
+            t = time.perf_counter()
+            r = self._ca(self.query_region_vector(query), base.order, base.scores)
+            return StageResult.from_rerank(r, time.perf_counter() - t)
+        if stage == "ca_sr_qe":
+            base, ca = need("filtering"), need("ca_sr")
+            t = time.perf_counter()
+            region = self.query_region_vector(query)
+            if self.qe_rerank_mode == "region":
+                best = gather_best_region_vectors(ca, self._rpa, self.qe_m)
+                expanded = region_query_expansion(region, best) if len(best) else region
+                r = self._ca(expanded, base.order, base.scores)
+            else:
+                order, scores = self._filter(self._global_qe(self.query_vector(query), ca.order))
+                r = self._ca(region, order, scores)
+            return StageResult.from_rerank(r, time.perf_counter() - t)
+        if stage == "cs_sr":
+            base = need("filtering")
+            t = time.perf_counter()
+            r = self._cs(class_id, base.order, base.scores)
+            return StageResult.from_rerank(r, time.perf_counter() - t)
+        # cs_sr_qe
+        cs = need("cs_sr")
+        t = time.perf_counter()
+        order, scores = self._filter(self._global_qe(self.query_vector(query), cs.order))
+        r = self._cs(class_id, order, scores)
+        return StageResult.from_rerank(r, time.perf_counter() - t)

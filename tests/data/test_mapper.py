@@ -1,0 +1,123 @@
+"""RetrievalDatasetMapper: EXIF orientation, query crops, deterministic flips, unreadable files."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from retrieval_ext.data import RetrievalDatasetMapper, UnreadableImageError
+from retrieval_ext.data.datasets.common import image_size, make_finetune_dicts
+
+
+def _png(path, w, h, seed=0):
+    arr = np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _cfg(min_test=80, max_test=1000, min_train=(120,)):
+    cfg = get_cfg()
+    cfg.INPUT.MIN_SIZE_TEST = min_test
+    cfg.INPUT.MAX_SIZE_TEST = max_test
+    cfg.INPUT.MIN_SIZE_TRAIN = min_train
+    cfg.INPUT.RANDOM_FLIP = "none"
+    return cfg
+
+
+def test_exif_rotated_jpeg_sizes(tmp_path):
+    path = str(tmp_path / "rot.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 40 wide x 20 high, displayed rotated by 90 degrees: 20 x 40
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(path, exif=exif)
+    assert image_size(path) == (40, 20)
+
+    mapper = RetrievalDatasetMapper(_cfg(min_test=80), is_train=False)
+    out = mapper({"file_name": path, "image_id": "rot", "db_index": 0})
+    assert (out["height"], out["width"]) == (40, 20)
+    # shorter side 20 -> 80: scale 4
+    assert tuple(out["image"].shape) == (3, 160, 80)
+    assert out["image"].dtype == torch.uint8
+    assert out["file_name"] == path and out["image_id"] == "rot" and "query_boxes" not in out
+
+    # a fine-tuning dict of that image passes DatasetMapper's size check in training
+    ft, _ = make_finetune_dicts(
+        [{"file_name": path, "image_id": "rot", "query_box": [2, 3, 10, 30], "category_id": 0}]
+    )
+    assert (ft["height"], ft["width"]) == (40, 20)
+    train = RetrievalDatasetMapper(_cfg(min_train=(20,)), is_train=True)
+    assert tuple(train(ft)["image"].shape) == (3, 40, 20)
+
+
+def test_query_box_without_and_with_crop(tmp_path):
+    path = str(tmp_path / "q.png")
+    arr = _png(path, 100, 60)
+    query = {
+        "file_name": path,
+        "image_id": "q",
+        "query_index": 0,
+        "query_box": [10.5, 20.0, 50.0, 40.2],
+        "category_id": 3,
+        "object_name": "thing",
+    }
+    mapper = RetrievalDatasetMapper(_cfg(min_test=120), is_train=False)
+    out = mapper(dict(query))
+    assert (out["height"], out["width"]) == (60, 100)
+    assert tuple(out["image"].shape) == (3, 120, 200)
+    assert out["query_boxes"].dtype == torch.float32
+    assert out["query_boxes"].tolist() == [[10.5, 20.0, 50.0, pytest.approx(40.2)]]
+    assert out["category_id"] == 3
+
+    # crop: columns floor(10.5)=10 .. ceil(50)=50, rows 20 .. ceil(40.2)=41 -> 40 x 21 pixels
+    raw = RetrievalDatasetMapper(is_train=False, augmentations=[], image_format="RGB")
+    out = raw(dict(query, crop_query=True))
+    assert (out["height"], out["width"]) == (21, 40)
+    assert out["query_boxes"].tolist() == [[0.0, 0.0, 40.0, 21.0]]
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), arr[20:41, 10:50])
+
+
+def test_flip_of_finetune_dict(tmp_path):
+    path = str(tmp_path / "f.png")
+    arr = _png(path, 100, 60, seed=1)
+    plain, flipped = make_finetune_dicts(
+        [{"file_name": path, "image_id": "f", "query_box": [10, 20, 30, 50], "category_id": 2}]
+    )
+    assert flipped["horizontal_flip"] and flipped["annotations"][0]["bbox"] == [10, 20, 30, 50]
+    assert flipped["annotations"][0]["bbox_mode"] == BoxMode.XYXY_ABS
+
+    raw = RetrievalDatasetMapper(is_train=True, augmentations=[], image_format="RGB")
+    out = raw(flipped)
+    # x1' = w - x2 = 100 - 30, x2' = w - x1 = 100 - 10
+    assert out["instances"].gt_boxes.tensor.tolist() == [[70.0, 20.0, 90.0, 50.0]]
+    assert out["instances"].gt_classes.tolist() == [2]
+    np.testing.assert_array_equal(out["image"].permute(1, 2, 0).numpy(), arr[:, ::-1])
+    out = raw(plain)
+    assert out["instances"].gt_boxes.tensor.tolist() == [[10.0, 20.0, 30.0, 50.0]]
+
+    # with the config's resize (shorter side 60 -> 120, scale 2) after the flip
+    mapper = RetrievalDatasetMapper(_cfg(min_train=(120,)), is_train=True)
+    assert [type(a) for a in mapper.augmentations.augs] == [T.ResizeShortestEdge]
+    out = mapper(flipped)
+    assert tuple(out["image"].shape) == (3, 120, 200)
+    assert out["instances"].gt_boxes.tensor.tolist() == [[140.0, 40.0, 180.0, 100.0]]
+
+
+def test_unreadable_image_error(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>302 Found</html>")
+    mapper = RetrievalDatasetMapper(_cfg(), is_train=False)
+    with pytest.raises(UnreadableImageError, match="bad.jpg") as e:
+        mapper({"file_name": str(bad), "image_id": "bad"})
+    assert e.value.file_name == str(bad) and isinstance(e.value, OSError)
+
+    # a JPEG cut after its header: opens, fails to decode
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), np.uint8)).save(good)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:400])
+    with pytest.raises(UnreadableImageError, match="cut.jpg"):
+        mapper({"file_name": str(cut), "image_id": "cut"})
+    with pytest.raises(UnreadableImageError, match="missing.jpg"):
+        mapper({"file_name": str(tmp_path / "missing.jpg"), "image_id": "missing"})

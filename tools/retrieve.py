@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Instance search with Faster R-CNN features: index, search, evaluate, visualize.
+
+    retrieve.py index     --config-file CFG [KEY VALUE ...]   extract and store the database once
+    retrieve.py evaluate  --config-file CFG [KEY VALUE ...]   every stage's metrics -> table + JSON
+    retrieve.py visualize --config-file CFG [--stage S]       ranked results with located boxes
+    retrieve.py search    --config-file CFG --query-image F --query-box X1 Y1 X2 Y2
+    retrieve.py all       --config-file CFG                   index + evaluate + visualize
+
+Everything is written under OUTPUT_DIR: config.yaml, log.txt, index/ (unless RETRIEVAL.INDEX_DIR),
+retrieval_results.json, latency.json, visualization/index.html, search_results.json.
+"""
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import retrieval_ext  # noqa: E402,F401  registers models and datasets
+from retrieval_ext.config import add_retrieval_config  # noqa: E402
+from retrieval_ext.data.datasets import get_retrieval_metadata  # noqa: E402
+from retrieval_ext.evaluation.evaluator import (  # noqa: E402
+    NoGroundTruthError,
+    db_positions,
+    evaluate_stages,
+    format_table,
+)
+from retrieval_ext.retrieval import pipeline  # noqa: E402
+from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
+from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
+from retrieval_ext.retrieval.search import STAGES  # noqa: E402
+from retrieval_ext.utils.visualization import result_strip, write_gallery  # noqa: E402
+
+COMMANDS = ("index", "evaluate", "visualize", "search", "all")
+logger = logging.getLogger("retrieval_ext")
+
+
+def get_parser():
+    parser = default_argument_parser(__doc__)
+    parser.usage = "retrieve.py {" + ",".join(COMMANDS) + "} [options] [KEY VALUE ...]"
+    parser.add_argument("--stage", default="", help="stage drawn by visualize / ranked by search")
+    parser.add_argument("--query-image", default="", help="search: the query image file")
+    parser.add_argument("--query-box", type=float, nargs=4, metavar=("X1", "Y1", "X2", "Y2"))
+    parser.add_argument("--top-k", type=int, default=10, help="search: results printed")
+    return parser
+
+
+def parse_args(argv=None):
+    """``COMMAND [detectron2 arguments] [KEY VALUE ...]``: the command comes first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = get_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.error(f"the first argument must be a command: one of {', '.join(COMMANDS)}")
+    args = parser.parse_args(argv[1:])
+    args.command = argv[0]
+    unknown = [s for s in args.stage.split(",") if s and s not in STAGES]
+    if unknown:
+        parser.error(f"unknown --stage {unknown}; choose from {list(STAGES)}")
+    return args
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_retrieval_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
+    return cfg
+
+
+def index_dir(cfg):
+    return cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
+
+
+def _index_kwargs(cfg):
+    r = cfg.RETRIEVAL
+    return dict(shard_size=r.SHARD_SIZE, dtype=r.INDEX_DTYPE, batch_size=r.BATCH_SIZE)
+
+
+def run_index(cfg, extractor):
+    dataset = cfg.RETRIEVAL.DATASET
+    index = pipeline.build_index(extractor, dataset, index_dir(cfg), **_index_kwargs(cfg))
+    whitening = pipeline.load_or_learn_whitening(
+        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, cfg.OUTPUT_DIR,
+        dim=cfg.RETRIEVAL.WHITENING_DIM, **_index_kwargs(cfg),
+    )
+    return index, whitening
+
+
+def run_search_all(cfg, extractor):
+    """Index (once), extract queries, and search every query with every applicable stage."""
+    index, whitening = run_index(cfg, extractor)
+    dataset = cfg.RETRIEVAL.DATASET
+    queries = pipeline.extract_queries(extractor, dataset, cache_dir=cfg.OUTPUT_DIR)
+    searcher = pipeline.build_searcher(cfg, index, whitening)
+    meta = get_retrieval_metadata(dataset)
+    stages = pipeline.available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
+    results = pipeline.search_all(searcher, queries, stages)
+    return index, queries, results, meta
+
+
+def latency_table(results):
+    """Median and mean per-query wall time of each stage, in milliseconds."""
+    out = {}
+    for stage, per_query in results.items():
+        t = np.array([r.seconds for r in per_query]) * 1000.0
+        out[stage] = {"median_ms": float(np.median(t)), "mean_ms": float(t.mean())}
+    return out
+
+
+def run_evaluate(cfg, extractor, searched=None):
+    index, queries, results, meta = searched or run_search_all(cfg, extractor)
+    db = pipeline.get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
+    latency = latency_table(results)
+    try:
+        scores = evaluate_stages(
+            results, meta, db_positions(index, db), loc_top_k=cfg.RETRIEVAL.LOC_TOP_K
+        )
+    except NoGroundTruthError as e:
+        logger.warning(str(e))
+        scores = None
+    if comm.is_main_process():
+        with open(os.path.join(cfg.OUTPUT_DIR, "latency.json"), "w") as f:
+            json.dump(latency, f, indent=2)
+        lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]
+        logger.info("per-query latency of each stage (stored features only):\n" + "\n".join(lines))
+        if scores is not None:
+            with open(os.path.join(cfg.OUTPUT_DIR, "retrieval_results.json"), "w") as f:
+                json.dump(scores, f, indent=2)
+            title = f"{cfg.RETRIEVAL.DATASET}: {len(queries)} queries, {index.num_images} images"
+            logger.info("results (%):\n" + format_table(scores, title))
+    return scores
+
+
+def _relevance(meta, query_index, db_index):
+    gnd = getattr(meta, "gnd", None)
+    if gnd is None:
+        return None
+    g = gnd[query_index]
+    if meta.protocol == "revisited":
+        pos, junk = set(g["easy"]) | set(g["hard"]), set(g["junk"])
+    elif meta.protocol == "ins":
+        shot = meta.db_shots[db_index]
+        return shot in set(g["relevant_shots"])
+    else:
+        pos, junk = set(g["ok"]), set(g["junk"])
+    if db_index in junk:
+        return None
+    return db_index in pos
+
+
+def run_visualize(cfg, extractor, stage, searched=None):
+    index, queries, results, meta = searched or run_search_all(cfg, extractor)
+    stage = stage or list(results)[-1]
+    if stage not in results:
+        raise ValueError(f"stage {stage!r} was not run; available: {list(results)}")
+    db = pipeline.get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
+    positions = db_positions(index, db)
+    files = {d["db_index"]: d["file_name"] for d in db}
+    k = cfg.RETRIEVAL.VIS_TOP_K
+    entries = []
+    for qi, (q, r) in enumerate(zip(queries, results[stage])):
+        top = positions[r.order[:k]]
+        rel = [_relevance(meta, qi, int(i)) for i in top]
+        strip = result_strip(
+            q["file_name"], q["box"], [files[int(i)] for i in top],
+            [b if np.all(np.isfinite(b)) else None for b in r.boxes[:k]],
+            r.scores[:k], rel,
+        )
+        hits = sum(1 for x in rel if x)
+        name = f"{qi:03d}_{q['image_id'].replace('/', '_')}"
+        entries.append({"name": name, "strip": strip, "caption": f"{hits}/{k} relevant ({stage})"})
+    path = write_gallery(
+        os.path.join(cfg.OUTPUT_DIR, "visualization"), f"{cfg.RETRIEVAL.DATASET}: {stage}", entries
+    )
+    logger.info(f"wrote {len(entries)} result strips, see {path}")
+    return path
+
+
+def run_single_search(cfg, args):
+    if not args.query_image or args.query_box is None:
+        raise SystemExit("search needs --query-image FILE and --query-box X1 Y1 X2 Y2")
+    engine = InstanceSearch(cfg)
+    stage = args.stage or "ca_sr_qe"
+    hits = engine.query(args.query_image, args.query_box, stage=stage, top_k=args.top_k)
+    rows = [h.__dict__ for h in hits]
+    with open(os.path.join(cfg.OUTPUT_DIR, "search_results.json"), "w") as f:
+        json.dump({"query": args.query_image, "box": args.query_box, "stage": stage, "hits": rows}, f, indent=2)
+    for h in hits:
+        print(f"{h.rank:3d}  {h.score:8.4f}  {h.image_id}  box={h.box}")
+    return hits
+
+
+def main(args):
+    cfg = setup(args)
+    if args.command == "search":
+        return run_single_search(cfg, args)
+    extractor = FeatureExtractor(cfg)
+    if args.command == "index":
+        run_index(cfg, extractor)
+        return None
+    searched = run_search_all(cfg, extractor)
+    if args.command in ("evaluate", "all"):
+        run_evaluate(cfg, extractor, searched)
+    if args.command in ("visualize", "all") and comm.is_main_process():
+        run_visualize(cfg, extractor, args.stage, searched)
+    return None
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
