@@ -52,6 +52,9 @@ def add_retrieval_config(cfg):
     # Registered dataset NAME searched by tools/retrieve.py: its NAME_db views is indexed and its
     # NAME_query queries are searched.
     _C.RETRIEVAL.DATASET = "synthetic"
+    # Extra collections in the custom format (see datasets/README.md) registered by the tools,
+    # as "name=/path/to/folder" strings; each becomes name_db, name_query and name_finetune.
+    _C.RETRIEVAL.CUSTOM_DATASETS = []
     # Where the index is stored; "" = OUTPUT_DIR/index.
     _C.RETRIEVAL.INDEX_DIR = ""
     # Storage type of the stored feature vectors: "float16" (half the bytes) or "float32".
@@ -89,6 +92,8 @@ def add_retrieval_config(cfg):
     # ca_sr_qe, cs_sr, cs_sr_qe. CS-SR stages need a model fine-tuned on the query objects
     # (one class per query object) and are skipped otherwise.
     _C.RETRIEVAL.STAGES = ["filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe"]
+    # Length of each stage's ranking saved per query in OUTPUT_DIR/rankings.npz (0 = none).
+    _C.RETRIEVAL.SAVE_TOP_K = 100
     # Number of ranked results drawn per query by `retrieve.py visualize`.
     _C.RETRIEVAL.VIS_TOP_K = 10
     # Top-k results over which localisation (IoU with ground-truth boxes) is measured.

@@ -74,6 +74,7 @@ def setup(args):
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
+    pipeline.register_config_datasets(cfg)
     return cfg
 
 
@@ -105,7 +106,22 @@ def run_search_all(cfg, extractor):
     meta = get_retrieval_metadata(dataset)
     stages = pipeline.available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
     results = pipeline.search_all(searcher, queries, stages)
+    save_rankings(cfg, index, queries, results)
     return index, queries, results, meta
+
+
+def save_rankings(cfg, index, queries, results):
+    """Each stage's top SAVE_TOP_K per query (image ids, scores, located boxes) in rankings.npz."""
+    k = min(cfg.RETRIEVAL.SAVE_TOP_K, index.num_images)
+    if k <= 0 or not comm.is_main_process():
+        return
+    arrays = {"query_ids": np.array([q["image_id"] for q in queries])}
+    ids = np.array(index.image_ids)
+    for stage, per_query in results.items():
+        arrays[f"{stage}/image_ids"] = np.stack([ids[r.order[:k]] for r in per_query])
+        arrays[f"{stage}/scores"] = np.stack([r.scores[:k] for r in per_query])
+        arrays[f"{stage}/boxes"] = np.stack([r.boxes[:k] for r in per_query])
+    np.savez_compressed(os.path.join(cfg.OUTPUT_DIR, "rankings.npz"), **arrays)
 
 
 def latency_table(results):

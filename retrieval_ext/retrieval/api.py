@@ -20,7 +20,13 @@ from detectron2.data.detection_utils import read_image
 
 from ..config import add_retrieval_config
 from .extractor import FeatureExtractor
-from .pipeline import build_searcher, get_dataset_dicts, load_or_learn_whitening, open_index
+from .pipeline import (
+    build_searcher,
+    get_dataset_dicts,
+    load_or_learn_whitening,
+    open_index,
+    register_config_datasets,
+)
 
 __all__ = ["SearchHit", "InstanceSearch", "validate_box"]
 
@@ -86,6 +92,7 @@ class InstanceSearch:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        register_config_datasets(cfg)
         self.extractor = FeatureExtractor(cfg)
         dataset = cfg.RETRIEVAL.DATASET
         index_dir = cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")

@@ -14,12 +14,14 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils import comm
 from tqdm import tqdm
 
+from ..data.datasets import register_custom_dataset
 from .extractor import FeatureExtractor
 from .index_store import FieldSpec, IndexReader, IndexSchema, IndexWriter, default_schema
 from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 from .search import CS_STAGES, InstanceSearcher, StageResult
 
 __all__ = [
+    "register_config_datasets",
     "get_dataset_dicts",
     "index_manifest",
     "build_index",
@@ -31,6 +33,24 @@ __all__ = [
 ]
 
 logger = logging.getLogger("retrieval_ext")
+
+
+def register_config_datasets(cfg) -> List[str]:
+    """Register the custom-format collections of ``cfg.RETRIEVAL.CUSTOM_DATASETS``.
+
+    Returns:
+        the registered names.
+    """
+    names = []
+    for entry in cfg.RETRIEVAL.CUSTOM_DATASETS:
+        name, sep, root = entry.partition("=")
+        if not sep or not name or not root:
+            raise ValueError(
+                f"RETRIEVAL.CUSTOM_DATASETS entry {entry!r} must read name=/path/to/folder"
+            )
+        register_custom_dataset(name.strip(), os.path.expanduser(root.strip()))
+        names.append(name.strip())
+    return names
 
 
 def get_dataset_dicts(name: str) -> List[dict]:

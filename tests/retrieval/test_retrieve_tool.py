@@ -1,0 +1,221 @@
+"""End to end: tools/retrieve.py indexes, searches, evaluates and draws a tiny synthetic benchmark.
+
+Each stage's saved ranking is recomputed here by brute force from the stored features (plain
+numpy loops), and the mAP from the ground truth with an AP written here.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
+from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader
+from tests.common import REPO_ROOT, tiny_model
+
+TOP_N = 4
+QE_M = 2
+
+
+def _run(args, env, cwd):
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "retrieve.py")] + args,
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("retrieve")
+    generate_synthetic_benchmark(
+        str(tmp / "synthetic"), num_instances=3, queries_per_instance=2, num_db=10,
+        short_side=112, seed=1,
+    )
+    generate_synthetic_benchmark(
+        str(tmp / "whiten"), num_instances=2, queries_per_instance=1, num_db=8,
+        short_side=112, seed=7,
+    )
+    model = tiny_model("ZF")
+    torch.save({"model": model.state_dict()}, tmp / "zf.pth")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp), PYTHONWARNINGS="ignore")
+    out = tmp / "out"
+    common = [
+        "--config-file", str(REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"),
+        "MODEL.WEIGHTS", str(tmp / "zf.pth"),
+        "RETRIEVAL.DATASET", "synthetic",
+        "RETRIEVAL.CUSTOM_DATASETS", f"['whiten={tmp / 'whiten'}']",
+        "RETRIEVAL.WHITENING_DATASET", "whiten",
+        "RETRIEVAL.TOP_N", str(TOP_N),
+        "RETRIEVAL.QE_M", str(QE_M),
+        "RETRIEVAL.INDEX_DTYPE", "float32",
+        "RETRIEVAL.SHARD_SIZE", "4",
+        "RETRIEVAL.VIS_TOP_K", "3",
+    ]
+    proc = _run(["all"] + common + ["OUTPUT_DIR", str(out)], env, tmp)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"tmp": tmp, "out": out, "env": env, "common": common, "log": proc.stderr + proc.stdout}
+
+
+def _l2(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _brute_rank(scores, ids_in_order):
+    # descending score; equal scores keep their previous order (stable)
+    idx = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
+    return [ids_in_order[j] for j in idx], [scores[j] for j in idx]
+
+
+def _ap(ranked_ids, positives, junk):
+    # Oxford compute_ap, written out: junk skipped, trapezoids with precision 1 at recall 0
+    ranked = [r for r in ranked_ids if r not in junk]
+    ap, old_recall, old_precision, hits = 0.0, 0.0, 1.0, 0
+    for i, r in enumerate(ranked):
+        if r in positives:
+            hits += 1
+        recall, precision = hits / len(positives), hits / (i + 1)
+        if r in positives:
+            ap += (recall - old_recall) * (old_precision + precision) / 2
+        old_recall, old_precision = recall, precision
+    return ap
+
+
+def test_outputs_are_written_under_output_dir(run):
+    out = run["out"]
+    for name in ["config.yaml", "log.txt", "retrieval_results.json", "latency.json",
+                 "rankings.npz", "index/manifest.json", "visualization/index.html"]:
+        assert (out / name).is_file(), name
+    html = (out / "visualization" / "index.html").read_text()
+    strips = sorted(p.name for p in (out / "visualization").glob("*.jpg"))
+    assert len(strips) == 6  # 3 objects x 2 queries
+    for s in strips:
+        assert s in html
+    assert "indexing synthetic_db" in run["log"]  # progress bar shown
+
+
+def test_each_stage_ranking_equals_brute_force(run):
+    out = run["out"]
+    index = IndexReader(out / "index")
+    ids = list(index.image_ids)
+    assert len(ids) == 10
+    qfile = next(out.glob("queries-synthetic-*.npz"))
+    q = np.load(qfile)
+    w = np.load(next(out.glob("whitening-whiten-*.npz")))
+    mean, proj = w["mean"].astype(np.float64), w["projection"].astype(np.float64)
+
+    def filt(x):  # L2 -> whiten -> L2, written out
+        return _l2((_l2(x) - mean) @ proj.T)
+
+    db = filt(index.image_vectors("ipa_sum"))
+    rk = np.load(out / "rankings.npz")
+    for qi in range(6):
+        qv = filt(q["ipa_sum"][qi])
+        scores = [float(db[j] @ qv) for j in range(len(ids))]
+        f_ids, f_scores = _brute_rank(scores, ids)
+        assert list(rk["filtering/image_ids"][qi]) == f_ids
+
+        # filtering_qe: the query averaged with the top M, searched again
+        top = [ids.index(i) for i in f_ids[:QE_M]]
+        qe = _l2(qv + db[top].sum(axis=0))
+        qe_ids, _ = _brute_rank([float(db[j] @ qe) for j in range(len(ids))], ids)
+        assert list(rk["filtering_qe/image_ids"][qi]) == qe_ids
+
+        # ca_sr: best cosine between the query crop (max-pooled) and any stored proposal
+        region = _l2(q["crop_max"][qi])
+
+        def rerank(vec):
+            best, boxes = [], []
+            for image_id in f_ids[:TOP_N]:
+                regs = index.regions(ids.index(image_id))
+                sims = [float(_l2(v) @ vec) for v in regs["rpa_max"]]
+                k = int(np.argmax(sims))
+                best.append(sims[k])
+                boxes.append((image_id, regs["boxes"][k], regs["rpa_max"][k]))
+            order, _ = _brute_rank(best, f_ids[:TOP_N])
+            return order + f_ids[TOP_N:], {b[0]: b for b in boxes}
+
+        ca_ids, located = rerank(region)
+        assert list(rk["ca_sr/image_ids"][qi]) == ca_ids
+        np.testing.assert_allclose(rk["ca_sr/boxes"][qi][0], located[ca_ids[0]][1], rtol=1e-6)
+        assert np.isnan(rk["ca_sr/boxes"][qi][TOP_N:]).all()
+
+        # ca_sr_qe (region form): region averaged with the best proposals of the CA-SR top M
+        expanded = _l2(region + sum(_l2(located[i][2]) for i in ca_ids[:QE_M]))
+        caqe_ids, _ = rerank(expanded)
+        assert list(rk["ca_sr_qe/image_ids"][qi]) == caqe_ids
+
+
+def test_reported_map_matches_ground_truth(run):
+    out = run["out"]
+    results = json.loads((out / "retrieval_results.json").read_text())
+    assert set(results) == {"filtering", "filtering_qe", "ca_sr", "ca_sr_qe"}  # no CS-SR off-the-shelf
+    rel = json.loads((run["tmp"] / "synthetic" / "relevance.json").read_text())
+    queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
+    rk = np.load(out / "rankings.npz")
+    for stage, metrics in results.items():
+        aps = []
+        for qi, qd in enumerate(queries):
+            r = rel[qd["object"]]
+            pos = {os.path.splitext(p)[0] for p in r["positives"]}
+            junk = {os.path.splitext(p)[0] for p in r.get("junk", [])}
+            aps.append(_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
+        assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), stage
+        if stage.startswith("ca_sr"):
+            assert 0.0 <= metrics["mean_iou"] <= 1.0
+    lat = json.loads((out / "latency.json").read_text())
+    assert set(lat) == set(results) and all(v["median_ms"] >= 0 for v in lat.values())
+
+
+def test_index_is_reused_and_mismatching_model_is_refused(run):
+    out = run["out"]
+    manifest = json.loads((out / "index" / "manifest.json").read_text())
+    # a rerun with the same setup reuses the index (nothing re-extracted)
+    proc = _run(["index"] + run["common"] + ["OUTPUT_DIR", str(out)], run["env"], run["tmp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is complete (10 images), reused" in proc.stderr + proc.stdout
+    assert json.loads((out / "index" / "manifest.json").read_text()) == manifest
+    # another proposal count changes the stored features: refused, naming what differs
+    proc = _run(
+        ["evaluate"] + run["common"] + ["OUTPUT_DIR", str(out), "MODEL.RETRIEVAL.NUM_PROPOSALS", "8"],
+        run["env"], run["tmp"],
+    )
+    assert proc.returncode != 0
+    assert IndexMismatchError.__name__ in proc.stderr
+    assert "NUM_PROPOSALS" in proc.stderr
+
+
+def test_python_api_queries_with_image_and_box(run, monkeypatch):
+    from detectron2.config import get_cfg
+
+    from retrieval_ext.config import add_retrieval_config
+    from retrieval_ext.retrieval.api import InstanceSearch
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(run["tmp"]))
+    cfg = get_cfg()
+    add_retrieval_config(cfg)
+    cfg.merge_from_file(str(REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"))
+    opts = run["common"][2:] + ["OUTPUT_DIR", str(run["out"])]
+    opts[opts.index("RETRIEVAL.CUSTOM_DATASETS") + 1] = [f"whiten={run['tmp'] / 'whiten'}"]
+    opts[opts.index("RETRIEVAL.DATASET") + 1] = "synthetic"
+    cfg.merge_from_list(opts)
+    from retrieval_ext.data.datasets import register_custom_dataset
+
+    register_custom_dataset("synthetic", str(run["tmp"] / "synthetic"))
+    cfg.freeze()
+    engine = InstanceSearch(cfg)
+    queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
+    rk = np.load(run["out"] / "rankings.npz")
+    qd = queries[0]
+    hits = engine.query(str(run["tmp"] / "synthetic" / qd["image"]), qd["box"], stage="ca_sr", top_k=5)
+    assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
+    assert [h.image_id for h in hits] == list(rk["ca_sr/image_ids"][0][:5])
+    assert all(h.box is not None for h in hits[:TOP_N]) and hits[TOP_N].box is None
+    assert all(Path(h.file_name).is_file() for h in hits)
+    with pytest.raises(ValueError, match="reversed corners"):
+        engine.query(str(run["tmp"] / "synthetic" / qd["image"]), [50, 50, 10, 10])
