@@ -29,6 +29,19 @@ def add_retrieval_config(cfg):
     # True = RPA pools the proposal features after res5 (2048 channels).
     _C.MODEL.RETRIEVAL.RPA_AFTER_RES5 = False
 
+    # ---------------------------------------------------------------- fine-tuning on query objects
+    _C.MODEL.FINETUNE = CN()
+    # Which parameters learn, applied in the trainer's build_model: "none" (leave requires_grad
+    # as built), "ft1" (paper's strategy #1: only the FC layers of the classification branch),
+    # "ft2" (strategy #2: every layer after the first two conv stages: conv, RPN, heads) or
+    # "custom" (the regex patterns of MODEL.FINETUNE.TRAINABLE). See retrieval_ext/engine/freeze.py.
+    _C.MODEL.FINETUNE.STRATEGY = "none"
+    # Regex patterns on parameter names that learn when STRATEGY is "custom".
+    _C.MODEL.FINETUNE.TRAINABLE = []
+    # Retrieval dataset NAME fine-tuned on (its NAME_finetune view: query boxes + flips) and
+    # evaluated; sets DATASETS.TRAIN/TEST and ROI_HEADS.NUM_CLASSES. "" = use DATASETS.* as given.
+    _C.MODEL.FINETUNE.DATASET = ""
+
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()
     # Output feature names of the VGG16 backbone; "conv5_3" (stride 16, 512 channels) is the

@@ -41,5 +41,5 @@ def test_config_merges_and_builds(path):
 def test_unknown_key_is_rejected():
     cfg = get_cfg()
     add_retrieval_config(cfg)
-    with pytest.raises(KeyError):
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.RETRIEVAL.NUM_PROPOSAL"):
         cfg.merge_from_list(["MODEL.RETRIEVAL.NUM_PROPOSAL", 10])

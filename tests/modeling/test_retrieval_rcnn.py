@@ -205,7 +205,10 @@ def test_other_backbones_give_all_outputs(name):
         stride = model.backbone.output_shape()[ipa[0]].stride
         h, w = images.image_sizes[i]
         rows, cols = min(math.ceil(h / stride), fmap.shape[1]), min(math.ceil(w / stride), fmap.shape[2])
-        torch.testing.assert_close(o["ipa_sum"], fmap[:, :rows, :cols].sum(dim=(1, 2)))
+        # sums of ~1e3 large random activations: float32 summation order matters at 1e-5
+        torch.testing.assert_close(
+            o["ipa_sum"], fmap[:, :rows, :cols].sum(dim=(1, 2)), rtol=1e-4, atol=1e-3
+        )
         torch.testing.assert_close(o["ipa_max"], fmap[:, :rows, :cols].amax(dim=(1, 2)))
         p = o["proposals"]
         k = min(16, len(proposals[i]))
@@ -215,6 +218,10 @@ def test_other_backbones_give_all_outputs(name):
                 [features[f][i : i + 1] for f in model.roi_heads.box_in_features],
                 [proposals[i][:k].proposal_boxes],
             )
-        torch.testing.assert_close(p.rpa_max, pooled.amax(dim=(2, 3)))
-        torch.testing.assert_close(p.rpa_sum, pooled.sum(dim=(2, 3)))
+        # random-weight activations reach 1e3-1e5: compare relative to their scale
+        scale = float(pooled.abs().max())
+        torch.testing.assert_close(p.rpa_max, pooled.amax(dim=(2, 3)), rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(
+            p.rpa_sum, pooled.sum(dim=(2, 3)), rtol=1e-5, atol=1e-5 * scale
+        )
     assert out[0]["query"].crop_sum.shape[0] == 2
