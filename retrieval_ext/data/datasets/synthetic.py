@@ -347,7 +347,7 @@ def _background(
     xs, ys = _coords(h, w)
     img = np.empty((h, w, 3), np.float32)
     scene = rng.choice(["outdoor", "indoor", "texture"])
-    top, bottom = _random_colour(rng, (0.05, 0.6)), _random_colour(rng, (0.05, 0.6))
+    top, bottom = _random_colour(rng, (0.0, 0.35)), _random_colour(rng, (0.0, 0.35))
     img[:] = top
     if scene == "outdoor":
         horizon = rng.uniform(0.3, 0.8) * h
@@ -361,13 +361,13 @@ def _background(
         ang = rng.uniform(0, np.pi)
         t = xs * np.cos(ang) + ys * np.sin(ang)
         _blend(img, bottom, (t - t.min()) / max(float(t.max() - t.min()), 1e-6))
-    amp = rng.uniform(5, 35 if scene == "texture" else 20)
+    amp = rng.uniform(5, 25 if scene == "texture" else 15)
     gh, gw = int(rng.integers(3, 12)), int(rng.integers(3, 12))
     noise = rng.normal(0, 1, (gh, gw, 3)).astype(np.float32)
     img += amp * cv2.resize(noise, (w, h), interpolation=cv2.INTER_CUBIC)
     n_shapes = int(rng.integers(5, 15) * clutter)
     for _ in range(n_shapes):
-        col = tuple(float(v) for v in _random_colour(rng, (0.0, 0.6), (0.1, 1.0)))
+        col = tuple(float(v) for v in _random_colour(rng, (0.0, 0.4), (0.1, 1.0)))
         cx, cy = int(rng.uniform(0, w)), int(rng.uniform(0, h))
         size = int(rng.uniform(0.02, 0.15) * min(h, w)) + 1
         kind = int(rng.integers(4 if blobs else 2)) * (1 if blobs else 2)
@@ -705,7 +705,7 @@ def _instance_spec(rng: np.random.Generator, difficulty: float, query: bool) -> 
     """Pose and occlusion of one planted instance (db view or query view)."""
     if query:
         return {
-            "size": rng.uniform(0.4, 0.75),
+            "size": rng.uniform(0.55, 0.85),
             "rot": 12 * difficulty,
             "persp": 0.2 * difficulty,
             "occlusion": rng.uniform(0.05, 0.15) if rng.random() < 0.2 * difficulty else 0.0,

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Fine-tune a Faster R-CNN on the query objects of a retrieval dataset, evaluated by retrieval.
+
+    train_net.py --config-file configs/oxford5k/VGG16_ft2.yaml [KEY VALUE ...]
+    train_net.py --config-file CFG --resume                 continue from OUTPUT_DIR/last_checkpoint
+    train_net.py --config-file CFG --eval-only MODEL.WEIGHTS OUTPUT_DIR/model_final.pth
+    train_net.py --config-file CFG --num-gpus 8             (and --num-machines, --machine-rank)
+
+``MODEL.FINETUNE.DATASET`` NAME sets DATASETS.TRAIN = (NAME_finetune,), DATASETS.TEST =
+(NAME_query,) and ROI_HEADS.NUM_CLASSES = the number of query objects;
+``MODEL.FINETUNE.STRATEGY`` (ft1 / ft2 / custom / none) chooses what learns.
+Everything is written under OUTPUT_DIR: config.yaml, log.txt, metrics.json, TensorBoard events,
+model_*.pth checkpoints, last_checkpoint, and one eval_<iteration> folder per evaluation (index,
+whitening, retrieval_results.json).
+"""
+import logging
+import os
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import retrieval_ext  # noqa: E402,F401  registers models and datasets
+from retrieval_ext.config import add_retrieval_config  # noqa: E402
+from retrieval_ext.engine import RetrievalTrainer, setup_finetune_cfg  # noqa: E402
+from retrieval_ext.modeling.checkpoint import RetrievalCheckpointer  # noqa: E402
+from retrieval_ext.retrieval import pipeline  # noqa: E402
+
+logger = logging.getLogger("retrieval_ext")
+
+
+def setup(args):
+    """get_cfg -> add_retrieval_config -> merge file and opts -> datasets -> freeze -> setup."""
+    cfg = get_cfg()
+    add_retrieval_config(cfg)
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    # before setup_finetune_cfg, so that its messages reach OUTPUT_DIR/log.txt
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
+    pipeline.register_config_datasets(cfg)
+    setup_finetune_cfg(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = RetrievalTrainer.build_model(cfg)
+        RetrievalCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = RetrievalTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+    trainer = RetrievalTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser(__doc__).parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
