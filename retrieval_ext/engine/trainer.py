@@ -7,19 +7,28 @@ What it adds to ``DefaultTrainer``:
   trainable parameters (detectron2's ``build_optimizer`` skips ``requires_grad=False``).
 - ``build_train_loader`` maps with ``RetrievalDatasetMapper``, which flips the
   ``horizontal_flip=True`` copies of ``NAME_finetune``.
-- Evaluation (``TEST.EVAL_PERIOD``, after training, ``--eval-only``) is retrieval: ``test`` runs
-  a :class:`~retrieval_ext.evaluation.retrieval_evaluator.RetrievalEvaluator` holding the model
-  on each ``DATASETS.TEST`` entry (``NAME_query``).
+- Evaluation (``TEST.EVAL_PERIOD``, after training, ``--eval-only``) of a retrieval dataset in
+  ``DATASETS.TEST`` (``NAME_query``) is retrieval: ``test`` runs a
+  :class:`~retrieval_ext.evaluation.retrieval_evaluator.RetrievalEvaluator` that holds the model.
+  A detection dataset with ``evaluator_type="coco"`` (e.g. the generic detection set on which
+  the embedded default's RPN and box head are pre-trained) gets detectron2's ``COCOEvaluator``
+  (box AP, files under ``OUTPUT_DIR/inference``).
 - Checkpoints load with ``RetrievalCheckpointer`` (torchvision VGG16 files; tensors whose shape
   differs, e.g. a COCO predictor loaded for the query classes, keep their fresh initialisation).
 
 :func:`setup_finetune_cfg` turns ``MODEL.FINETUNE.DATASET`` into the datasets and class count.
 """
 import logging
+import os
 import weakref
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 
 from ..data import RetrievalDatasetMapper, get_retrieval_metadata
@@ -69,6 +78,13 @@ def setup_finetune_cfg(cfg):
     return cfg
 
 
+def _retrieval_name_or_none(dataset_name):
+    try:
+        return retrieval_dataset_name(dataset_name)
+    except KeyError:
+        return None
+
+
 class RetrievalTrainer(DefaultTrainer):
     """``DefaultTrainer`` with freezing, the fine-tuning mapper and retrieval evaluation.
 
@@ -95,33 +111,59 @@ class RetrievalTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        """The queries of a retrieval dataset, mapped with their query boxes.
+        """Retrieval datasets: their queries, mapped with the query boxes; others: detectron2's.
 
         Args:
-            dataset_name: a retrieval dataset NAME or view (``DATASETS.TEST`` holds NAME_query).
+            dataset_name: a ``DATASETS.TEST`` entry (``NAME_query`` for retrieval).
         """
-        queries = f"{retrieval_dataset_name(dataset_name)}_query"
+        name = _retrieval_name_or_none(dataset_name)
+        if name is None:
+            return super().build_test_loader(cfg, dataset_name)
         return build_detection_test_loader(
-            cfg, queries, mapper=RetrievalDatasetMapper(cfg, False)
+            cfg, f"{name}_query", mapper=RetrievalDatasetMapper(cfg, False)
         )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, model=None, output_dir=None):
-        """A :class:`RetrievalEvaluator`; ``model`` is what it indexes the database with (None:
-        built from ``MODEL.WEIGHTS``)."""
-        return RetrievalEvaluator(cfg, dataset_name, model=model, output_dir=output_dir)
+        """The evaluator of a ``DATASETS.TEST`` entry.
+
+        Args:
+            model: for a retrieval dataset, the model that indexes the database (None: built
+                from ``MODEL.WEIGHTS``); unused otherwise.
+            output_dir: default ``OUTPUT_DIR`` (retrieval) or ``OUTPUT_DIR/inference`` (COCO).
+
+        Returns:
+            :class:`RetrievalEvaluator` for a retrieval dataset, ``COCOEvaluator`` for a dataset
+            with ``evaluator_type="coco"``.
+
+        Raises:
+            NotImplementedError: for any other dataset.
+        """
+        if _retrieval_name_or_none(dataset_name) is not None:
+            return RetrievalEvaluator(cfg, dataset_name, model=model, output_dir=output_dir)
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
+        if evaluator_type == "coco":
+            return COCOEvaluator(
+                dataset_name, output_dir=output_dir or os.path.join(cfg.OUTPUT_DIR, "inference")
+            )
+        raise NotImplementedError(
+            f"no evaluator for {dataset_name!r} (evaluator_type {evaluator_type!r}); "
+            "RetrievalTrainer evaluates retrieval datasets and COCO-format detection datasets"
+        )
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        """Retrieval evaluation of ``model`` on each ``DATASETS.TEST`` entry.
+        """Evaluate ``model`` on each ``DATASETS.TEST`` entry (retrieval or COCO detection).
 
         Args:
             cfg: the config.
             model: the model to evaluate (also the one that indexes each database).
-            evaluators: as ``DefaultTrainer.test``; None builds a RetrievalEvaluator per dataset.
+            evaluators: as ``DefaultTrainer.test``; None builds :meth:`build_evaluator`'s for
+                each ``DATASETS.TEST`` entry, giving retrieval evaluators the model.
 
         Returns:
-            dict: ``{"NAME/stage": {metric: value}}`` for one dataset, else keyed by dataset.
+            dict: for one retrieval dataset ``{"NAME/stage": {metric: value}}``; with several
+            test datasets, keyed by dataset name.
         """
         if evaluators is None:
             evaluators = [cls.build_evaluator(cfg, name, model=model) for name in cfg.DATASETS.TEST]

@@ -157,8 +157,9 @@ class RetrievalEvaluator(DatasetEvaluator):
             model: the model to index with (the one ``process`` sees outputs of); None builds
                 one from ``cfg.MODEL.WEIGHTS``.
             output_dir: parent of the ``eval_<tag>`` folders; default ``cfg.OUTPUT_DIR``.
-            tag: name of this evaluation's folder; default the training iteration (``0000299``,
-                as the checkpoint ``model_0000299.pth``) inside training, else the stem of
+            tag: name of this evaluation's folder. Default: inside training, the iteration as
+                in the checkpoint saved with it (``0000299`` for ``model_0000299.pth``; ``final``
+                after the last iteration, ``model_final.pth``); outside, the stem of
                 ``MODEL.WEIGHTS`` (``model_final``), else ``"model"``.
         """
         self._cfg = cfg
@@ -194,7 +195,9 @@ class RetrievalEvaluator(DatasetEvaluator):
         tag = self._tag
         if tag is None:
             try:
-                tag = f"{get_event_storage().iter:07d}"
+                it = get_event_storage().iter
+                # after training the storage's iteration is MAX_ITER; the weights model_final
+                tag = "final" if it >= self._cfg.SOLVER.MAX_ITER else f"{it:07d}"
             except (AssertionError, IndexError):  # not inside training: no event storage
                 weights = self._cfg.MODEL.WEIGHTS
                 tag = os.path.splitext(os.path.basename(weights))[0] if weights else "model"

@@ -594,6 +594,7 @@ def test_builtin_names_and_root(tmp_path):
         "ins13",
         "ins13_subset",
         "synthetic",
+        "synthetic_whiten",
     ]
     assert sorted(BUILTIN_RETRIEVAL_DATASETS) == sorted(names)
     for n in names:
@@ -601,6 +602,11 @@ def test_builtin_names_and_root(tmp_path):
             assert f"{n}_{view}" in DatasetCatalog.list()
     assert MetadataCatalog.get("ins13_subset_query").protocol == "ins"
     assert MetadataCatalog.get("synthetic_db").protocol == "custom"
+    # the generic detection set: plain COCO-format detection datasets
+    for split in ("train", "val"):
+        meta = MetadataCatalog.get(f"synthetic_generic_{split}")
+        assert meta.evaluator_type == "coco"
+        assert meta.json_file.endswith(os.path.join("synthetic_generic", f"{split}.json"))
     try:
         register_all_retrieval(str(tmp_path))
         shutil.copytree(_custom_fixture(tmp_path), tmp_path / "synthetic")

@@ -166,7 +166,7 @@ def _poster_texture(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         _blend(tex, palette[1], t * rng.uniform(0.4, 1.0))
 
     kinds = ("stripes", "checker", "disc", "rect", "polygon", "glyphs", "gabor", "rings")
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(4, 9))):
         kind = kinds[int(rng.integers(len(kinds)))]
         c1, c2 = (palette[int(i)] for i in rng.choice(5, size=2, replace=False))
         rw, rh = int(w * rng.uniform(0.25, 0.75)), int(h * rng.uniform(0.25, 0.75))
@@ -712,7 +712,7 @@ def _instance_spec(rng: np.random.Generator, difficulty: float, query: bool) -> 
         }
     hard = rng.random()
     spec = {
-        "size": float(np.exp(rng.uniform(np.log(0.2), np.log(0.75)))),
+        "size": float(np.exp(rng.uniform(np.log(0.25), np.log(0.9)))),
         "rot": 25 * difficulty,
         "persp": 0.35 * difficulty,
         "occlusion": 0.0,
