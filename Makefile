@@ -5,6 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
+# OpenMP threads that spin while waiting make small CPU models 5-10x slower as soon as another
+# process competes for the cores; passive waiting costs nothing when the machine is idle.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: setup demo demo-quick test lint benchmark
 

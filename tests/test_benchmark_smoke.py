@@ -4,6 +4,7 @@ Timings are not asserted (they depend on the machine and its load); what is chec
 run prints its machine line and table headers and writes JSON whose sizes follow from the
 arguments and the tiny configs (worked out here from the YAML files and the --quick sizes).
 """
+
 import importlib.util
 import json
 
@@ -51,8 +52,13 @@ def test_extraction_quick(benchmark, capsys, tmp_path):
         assert len(r["seconds"]) == 1 and r["seconds"][0] > 0
         assert r["images_per_s"] == pytest.approx(1.0 / r["seconds"][0])
         assert r["peak_rss_mb"] >= r["baseline_rss_mb"] > 0
-    assert set(full["parts_median_s"]) == {"backbone", "rpn", "roi_pool", "box_head",
-                                           "box_predictor"}
+    assert set(full["parts_median_s"]) == {
+        "backbone",
+        "rpn",
+        "roi_pool",
+        "box_head",
+        "box_predictor",
+    }
     assert sum(full["parts_median_s"].values()) <= full["median_s"]
 
 

@@ -9,10 +9,14 @@
 ``MODEL.FINETUNE.DATASET`` NAME sets DATASETS.TRAIN = (NAME_finetune,), DATASETS.TEST =
 (NAME_query,) and ROI_HEADS.NUM_CLASSES = the number of query objects;
 ``MODEL.FINETUNE.STRATEGY`` (ft1 / ft2 / custom / none) chooses what learns.
-Everything is written under OUTPUT_DIR: config.yaml, log.txt, metrics.json, TensorBoard events,
-model_*.pth checkpoints, last_checkpoint, and one eval_<iteration> folder per evaluation (index,
-whitening, retrieval_results.json).
+Everything is written under OUTPUT_DIR: config.yaml, log.txt, metrics.json (losses, and the
+retrieval metrics as NAME/stage/metric), TensorBoard events, model_*.pth checkpoints,
+last_checkpoint, and one folder per evaluation with its index, whitening and
+retrieval_results.json: eval_<iteration> (as model_<iteration>.pth), eval_final after training,
+eval_<weights file stem> with --eval-only. The saved config.yaml also drives tools/retrieve.py
+on the fine-tuned dataset.
 """
+
 import logging
 import os
 import sys

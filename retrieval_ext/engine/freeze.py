@@ -76,8 +76,9 @@ STRATEGIES = ("none", "ft1", "ft2", "custom")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel prefix every name with "module."
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    # the wrappers prefix every name with "module."
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
 
 
 def early_layer_prefixes(backbone: nn.Module, prefix: str = "backbone.") -> Tuple[str, ...]:
@@ -159,7 +160,9 @@ def trainable_parameter_names(
         return [n for n, _ in named if not n.startswith(frozen)]
     if strategy == "custom":
         if not patterns:
-            raise ValueError("MODEL.FINETUNE.STRATEGY custom needs MODEL.FINETUNE.TRAINABLE patterns")
+            raise ValueError(
+                "MODEL.FINETUNE.STRATEGY custom needs MODEL.FINETUNE.TRAINABLE patterns"
+            )
         compiled = [re.compile(p) for p in patterns]
         unused = [p.pattern for p in compiled if not any(p.match(n) for n, _ in named)]
         if unused:

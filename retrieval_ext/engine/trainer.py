@@ -18,6 +18,7 @@ What it adds to ``DefaultTrainer``:
 
 :func:`setup_finetune_cfg` turns ``MODEL.FINETUNE.DATASET`` into the datasets and class count.
 """
+
 import logging
 import os
 import weakref

@@ -14,6 +14,7 @@ reports retrieval metrics: ``inference_on_dataset`` runs the model over the ``NA
 :meth:`RetrievalEvaluator.process` keeps the query descriptors; :meth:`RetrievalEvaluator.evaluate`
 indexes the database and searches them.
 """
+
 import json
 import logging
 import os

@@ -3,6 +3,7 @@
 The expected sets are written out here by hand from the architectures (layer names and how many
 weight tensors each block has), not computed by the code under test.
 """
+
 import logging
 
 import pytest
@@ -23,10 +24,12 @@ PREDICTOR = [
     for layer in ("cls_score", "bbox_pred")
     for kind in ("weight", "bias")
 ]
-BOX_HEAD_FC = [f"roi_heads.box_head.{fc}.{kind}" for fc in ("fc1", "fc2") for kind in ("weight", "bias")]
+BOX_HEAD_FC = [
+    f"roi_heads.box_head.{fc}.{kind}" for fc in ("fc1", "fc2") for kind in ("weight", "bias")
+]
 
 
-def _vgg(layers):
+def _conv_params(layers):
     return [f"backbone.{name}.{kind}" for name in layers for kind in ("weight", "bias")]
 
 
@@ -36,9 +39,9 @@ VGG_LATE += ["conv5_1", "conv5_2", "conv5_3"]
 # Exact trainable lists for the backbones whose parameters are few enough to write out.
 EXACT = {
     ("ZF", "ft1"): BOX_HEAD_FC + PREDICTOR,
-    ("ZF", "ft2"): _vgg(["conv3", "conv4", "conv5"]) + RPN + BOX_HEAD_FC + PREDICTOR,
+    ("ZF", "ft2"): _conv_params(["conv3", "conv4", "conv5"]) + RPN + BOX_HEAD_FC + PREDICTOR,
     ("VGG16", "ft1"): BOX_HEAD_FC + PREDICTOR,
-    ("VGG16", "ft2"): _vgg(VGG_LATE) + RPN + BOX_HEAD_FC + PREDICTOR,
+    ("VGG16", "ft2"): _conv_params(VGG_LATE) + RPN + BOX_HEAD_FC + PREDICTOR,
     ("R50-C4", "ft1"): PREDICTOR,
     ("R50-FPN", "ft1"): BOX_HEAD_FC + PREDICTOR,
     ("EfficientNet-Lite0", "ft1"): BOX_HEAD_FC + PREDICTOR,
@@ -51,7 +54,9 @@ EXACT = {
 # EfficientNet-Lite0: BN is frozen (buffers), no SE; an MBConv block has 3 conv weights
 # (expand, depthwise, project): blocks.2 (2 blocks) 6, blocks.3 (3) 9, blocks.4 (3) 9,
 # blocks.5 (4) 12, blocks.6 (1) 3, conv_head 1 = 40.
-FPN_LAYERS = [f"backbone.fpn_{kind}{level}." for kind in ("lateral", "output") for level in (2, 3, 4, 5)]
+FPN_LAYERS = [
+    f"backbone.fpn_{kind}{level}." for kind in ("lateral", "output") for level in (2, 3, 4, 5)
+]
 PREFIXES = {
     ("R50-C4", "ft2"): (
         ["backbone.res3.", "backbone.res4.", "proposal_generator.", "roi_heads.res5."]
@@ -116,7 +121,10 @@ def test_ft2_trains_everything_after_the_first_two_stages(models, backbone, stra
 def test_custom_patterns_are_anchored_regexes(models):
     model = models("ZF")
     names = trainable_parameter_names(model, "custom", [r"roi_heads\.box_predictor\.cls_score\."])
-    assert names == ["roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"]
+    assert names == [
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+    ]
     # re.match: "fc1" alone does not match "roi_heads.box_head.fc1.weight"
     with pytest.raises(ValueError, match="match no parameter"):
         trainable_parameter_names(model, "custom", ["fc1"])
@@ -141,7 +149,9 @@ def test_apply_freeze_sets_requires_grad_and_logs_the_list():
     model = build_model(tiny_cfg("ZF"))
     # FREEZE_AT 2 froze conv1/conv2 at build time: "none" keeps exactly that
     assert apply_freeze(model, "none") == [
-        n for n, _ in model.named_parameters() if not n.startswith(("backbone.conv1.", "backbone.conv2."))
+        n
+        for n, _ in model.named_parameters()
+        if not n.startswith(("backbone.conv1.", "backbone.conv2."))
     ]
     handler = _ListHandler()
     logger = logging.getLogger("retrieval_ext")
@@ -173,7 +183,9 @@ def test_batchnorm_without_trainable_parameters_is_frozen():
     keys_before = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     apply_freeze(model, "ft2")
     bn = {n for n, m in model.named_modules() if type(m) is torch.nn.BatchNorm2d}
-    assert bn and all(n.startswith(("backbone.res3.", "backbone.res4.", "roi_heads.res5.")) for n in bn)
+    assert bn and all(
+        n.startswith(("backbone.res3.", "backbone.res4.", "roi_heads.res5.")) for n in bn
+    )
     apply_freeze(model, "ft1")
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())

@@ -19,8 +19,8 @@ to the image, with pixel-edge convention: a mask covering columns 3..7 gives x1 
       queries.json                   [{"image": "queries/obj03_1.jpg", "box": [x1, y1, x2, y2],
                                        "object": "obj03"}, ...]
       relevance.json                 {"obj03": {"positives": ["images/db_00012.jpg", ...],
-                                                "junk": [...],
-                                                "boxes": {"images/db_00012.jpg": [[x1, y1, x2, y2]]}}}
+                                        "junk": [...],
+                                        "boxes": {"images/db_00012.jpg": [[x1, y1, x2, y2]]}}}
       README.txt, meta.json          parameters, seed and counts
 
 ``boxes`` holds the boxes of positives and of junk images. An image is *junk* for an instance
@@ -185,9 +185,7 @@ def _poster_texture(rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
             ang = rng.uniform(0, np.pi)
             period = rng.uniform(4, 14)
             phase = (sx * np.cos(ang) + sy * np.sin(ang)) / period
-            env = np.exp(
-                -(((sx - rw / 2) / (0.35 * rw)) ** 2 + ((sy - rh / 2) / (0.35 * rh)) ** 2)
-            )
+            env = np.exp(-(((sx - rw / 2) / (0.35 * rw)) ** 2 + ((sy - rh / 2) / (0.35 * rh)) ** 2))
             _blend(sub, c1, 0.5 * (1 + np.sin(2 * np.pi * phase)) * env)
         elif kind == "rings":
             period = rng.uniform(5, 15)
@@ -593,7 +591,7 @@ def _compose(
         The image and, per instance in order, {"box": XYXY or None, "visible": fraction of the
         silhouette visible in the image (not covered by an occluder, not cut by the border),
         "mask": (h, w) bool silhouette clipped to the image (before occlusion),
-        "occluder": (h, w) bool union of occluders}.
+        "hidden": (h, w) bool pixels drawn over it: occluders and instances pasted later}.
     """
     img = _background(rng, h, w, clutter=0.5 + 0.5 * difficulty)
     short = min(h, w)
@@ -609,9 +607,7 @@ def _compose(
             box = (dst[:, 0].min(), dst[:, 1].min(), dst[:, 0].max(), dst[:, 1].max())
             if not _overlaps(box, taken, 4):
                 break
-        placed.append(
-            _Placed(_photometric(tex, rng, difficulty), _render_mask(tex, outline), dst)
-        )
+        placed.append(_Placed(_photometric(tex, rng, difficulty), _render_mask(tex, outline), dst))
         taken.append(box)
 
     for _ in range(num_distractors):
@@ -621,10 +617,9 @@ def _compose(
             centre = (rng.uniform(0, w), rng.uniform(0, h))
             dst = _sample_quad(rng, outline, size_px, centre, 25 * difficulty, 0.3 * difficulty)
             x0, y0, x1, y1 = dst[:, 0].min(), dst[:, 1].min(), dst[:, 0].max(), dst[:, 1].max()
-            if not _overlaps((x0, y0, x1, y1), taken[: len(instances)], 4):
-                _Placed(_photometric(tex, rng, difficulty), _render_mask(tex, outline), dst).paste(
-                    img
-                )
+            if not _overlaps((x0, y0, x1, y1), taken, 4):
+                tex = _photometric(tex, rng, difficulty)
+                _Placed(tex, _render_mask(tex, outline), dst).paste(img)
                 break
     for p in placed:
         p.paste(img)
@@ -634,13 +629,15 @@ def _compose(
         if spec["occlusion"] > 0:
             occluder |= _occlude(img, rng, p, spec["occlusion"], occluder_pool)
 
+    # Large instances may not fit side by side; a later one then hides part of an earlier one.
+    masks = [p.full_mask(h, w) for p in placed]
     results = []
-    for p in placed:
-        mask = p.full_mask(h, w)
-        visible = float((mask & ~occluder).sum()) / max(p.area, 1)
-        results.append({"box": _mask_box(mask), "visible": visible, "mask": mask})
-    for r in results:
-        r["occluder"] = occluder
+    for i, (p, mask) in enumerate(zip(placed, masks)):
+        hidden = occluder.copy()
+        for later in masks[i + 1 :]:
+            hidden |= later
+        visible = float((mask & ~hidden).sum()) / max(p.area, 1)
+        results.append({"box": _mask_box(mask), "visible": visible, "mask": mask, "hidden": hidden})
     return _finish(img, rng, difficulty), results
 
 
@@ -763,8 +760,9 @@ def generate_synthetic_benchmark(
         num_distractor_designs: size of the pool of distractor poster designs (same generator
             family as the instances, different random streams).
         return_masks: if True, the summary also holds "masks": {relative image path: {object:
-            (H, W) bool silhouette clipped to the image}} and "occluders": {relative image path:
-            (H, W) bool} (for tests; memory grows with the set).
+            (H, W) bool silhouette clipped to the image}} and "hidden": {relative image path:
+            {object: (H, W) bool pixels drawn over that instance (occluders, instances pasted
+            later)}} (for tests; memory grows with the set).
 
     Returns:
         Summary dict: "objects" (names, sorted), "num_db", "num_queries", "positives" and "junk"
@@ -773,6 +771,8 @@ def generate_synthetic_benchmark(
     """
     if num_instances < 1 or queries_per_instance < 1 or num_db < 1:
         raise ValueError("num_instances, queries_per_instance and num_db must be >= 1")
+    if difficulty < 0:
+        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "queries"), exist_ok=True)
     names = object_names(num_instances)
@@ -816,7 +816,7 @@ def generate_synthetic_benchmark(
 
     relevance = {n: {"positives": [], "junk": [], "boxes": {}} for n in names}
     masks: Dict[str, Dict[str, np.ndarray]] = {}
-    occluders: Dict[str, np.ndarray] = {}
+    hidden: Dict[str, Dict[str, np.ndarray]] = {}
     lo, hi = distractors_per_image
     for i, chosen in enumerate(plan):
         rng = _rng(seed, _STREAM_DB, i)
@@ -833,7 +833,7 @@ def generate_synthetic_benchmark(
                 entry["boxes"][rel] = [[round(v, 2) for v in r["box"]]]
         if return_masks:
             masks[rel] = {names[k]: r["mask"] for k, r in zip(chosen, res)}
-            occluders[rel] = res[0]["occluder"] if res else np.zeros((h, w), bool)
+            hidden[rel] = {names[k]: r["hidden"] for k, r in zip(chosen, res)}
 
     queries = []
     for k, name in enumerate(names):
@@ -845,10 +845,12 @@ def generate_synthetic_benchmark(
             pil, res = _compose(rng, h, w, [(*designs[k], spec)], pool, n_dis, difficulty, pool)
             rel = f"queries/{name}_{q + 1}.jpg"
             _save_jpeg(pil, os.path.join(root, rel))
-            queries.append({"image": rel, "box": [round(v, 2) for v in res[0]["box"]], "object": name})
+            queries.append(
+                {"image": rel, "box": [round(v, 2) for v in res[0]["box"]], "object": name}
+            )
             if return_masks:
                 masks[rel] = {name: res[0]["mask"]}
-                occluders[rel] = res[0]["occluder"]
+                hidden[rel] = {name: res[0]["hidden"]}
 
     with open(os.path.join(root, "queries.json"), "w") as f:
         json.dump(queries, f, indent=1)
@@ -871,7 +873,7 @@ def generate_synthetic_benchmark(
         f.write(_readme(summary))
     if return_masks:
         summary["masks"] = masks
-        summary["occluders"] = occluders
+        summary["hidden"] = hidden
     return summary
 
 
@@ -955,11 +957,12 @@ def generate_generic_detection_set(
             centre = (rng.uniform(0.2 * size_px, w - 0.2 * size_px), rng.uniform(0, h))
             dst = _sample_quad(rng, outline, size_px, centre, 40.0, 0.25)
             p = _Placed(_photometric(tex, rng, 1.0), _render_mask(tex, outline), dst)
-            box = _mask_box(p.full_mask(h, w))
+            mask = p.full_mask(h, w)
+            box = _mask_box(mask)
             if box is None or _overlaps(p.box(), taken, 2):
                 continue
             bw, bh = box[2] - box[0], box[3] - box[1]
-            visible = float(p.full_mask(h, w).sum()) / max(p.area, 1)
+            visible = float(mask.sum()) / max(p.area, 1)
             if visible < 0.5 or min(bw, bh) < 6:
                 continue
             p.paste(img)
