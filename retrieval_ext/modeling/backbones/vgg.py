@@ -16,7 +16,6 @@ exactly ``H / 2**(X-1)`` by ``W / 2**(X-1)``.
 
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 __all__ = ["VGG16", "build_vgg16_backbone", "convert_torchvision_vgg16", "VGG16_LAYER_NAMES"]
@@ -109,14 +108,6 @@ class VGG16(Backbone):
             if pool_after:
                 x = F.max_pool2d(x, kernel_size=2, stride=2)
         return outputs
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
 
     @property
     def size_divisibility(self):

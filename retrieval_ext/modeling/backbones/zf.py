@@ -22,7 +22,6 @@ RoI pooling, the same pooler resolution as VGG16, so both backbones share one he
 
 import torch.nn as nn
 import torch.nn.functional as F
-from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
 __all__ = ["ZF", "WithinChannelLRN", "build_zf_backbone", "ZF_LAYER_NAMES"]
@@ -156,14 +155,6 @@ class ZF(Backbone):
                 x = getattr(self, name.replace("conv", "norm"))(x)
                 x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         return outputs
-
-    def output_shape(self):
-        return {
-            name: ShapeSpec(
-                channels=self._out_feature_channels[name], stride=self._out_feature_strides[name]
-            )
-            for name in self._out_features
-        }
 
     @property
     def size_divisibility(self):
