@@ -118,6 +118,19 @@ def pretrain_detector(out: Path, env, size: str, extra) -> Path:
     return final
 
 
+def generic_detection_ap(train_dir: Path):
+    """COCO box AP of the generic detector on its held-out images (evaluated after training)."""
+    path = train_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    ap = None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "bbox/AP" in rec:
+            ap = {k.split("/", 1)[1]: rec[k] for k in ("bbox/AP", "bbox/AP50", "bbox/AP75")}
+    return ap
+
+
 def evaluate(cfg_file, out: Path, weights, env, extra, stages=STAGES):
     results = out / "retrieval_results.json"
     if not results.is_file():
@@ -173,6 +186,9 @@ def write_report(out: Path, table, ablation, detector_ap, seconds):
               "|---|---|---|"]
     for k, v in ablation.items():
         lines.append(f"| {k} | {fmt(v.get('filtering'))} | {fmt(v.get('ca_sr'))} |")
+    if detector_ap:
+        lines += ["", "off-the-shelf detector (generic categories, held-out images), COCO box AP (%): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in detector_ap.items())]
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
 
@@ -192,7 +208,8 @@ def write_report(out: Path, table, ablation, detector_ap, seconds):
         "<table border=1 cellpadding=4><tr><th>stage</th>"
         + "".join(f"<th>{m}</th>" for m in MODELS) + "</tr>" + rows + "</table>"
         f"<pre>{html.escape(text)}</pre>"
-        f"<p>generic detector AP (held-out generic images): {html.escape(str(detector_ap))}</p>"
+        f"<p>generic detector, COCO box AP (%) on held-out generic images: "
+        f"{html.escape(str(detector_ap))}</p>"
         f"<ul>{links}</ul></body></html>"
     )
     (out / "report.html").write_text(page)
@@ -215,26 +232,30 @@ def main(argv=None):
 
     prepare_data(data_dir, size)
     detector = pretrain_detector(out / "generic_detector", env, size, extra)
-    det_metrics = out / "generic_detector" / "inference" / "generic_ap.json"
-    detector_ap = json.loads(det_metrics.read_text()) if det_metrics.is_file() else None
+    detector_ap = generic_detection_ap(out / "generic_detector")
 
     table = {"off_the_shelf": evaluate(
         CONFIG / "EfficientNet-Lite0.yaml", out / "off_the_shelf", detector, env, extra
     )}
     ablation = pooling_ablation(out, detector, env, extra)
+    num_classes = DATA[size]["synthetic"]["num_instances"]
     for strategy in ["ft1", "ft2"]:
         train_dir = out / f"{strategy}_train"
         weights = train_dir / "model_final.pth"
         if not weights.is_file():
+            # retrieval is evaluated below (with the gallery), not a second time by the trainer
             run(
                 [sys.executable, REPO / "tools" / "train_net.py",
                  "--config-file", CONFIG / f"EfficientNet-Lite0_{strategy}.yaml",
                  "OUTPUT_DIR", train_dir, "MODEL.WEIGHTS", detector,
-                 "SOLVER.MAX_ITER", SCHEDULE[size][strategy], "TEST.EVAL_PERIOD", "0"] + extra,
+                 "MODEL.FINETUNE.DATASET", "", "DATASETS.TRAIN", "('synthetic_finetune',)",
+                 "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
+                 "SOLVER.MAX_ITER", SCHEDULE[size][strategy]] + extra,
                 env,
             )
+        # the training run's saved config.yaml is the fine-tuned model's config
         table[strategy] = evaluate(
-            CONFIG / f"EfficientNet-Lite0_{strategy}.yaml", out / strategy, weights, env, extra
+            train_dir / "config.yaml", out / strategy, weights, env, extra
         )
     text = write_report(out, table, ablation, detector_ap, time.time() - start)
     log(f"done in {time.time() - start:.0f} s; report: {out / 'report.html'}\n\nmAP (%):\n{text}")

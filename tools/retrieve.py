@@ -16,7 +16,7 @@ import os  # noqa: E402  (before torch is imported: OpenMP reads it once)
 # the cores; passive waiting costs nothing on an idle machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import json
+import errno
 import logging
 import sys
 
@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
 from retrieval_ext.config import add_retrieval_config  # noqa: E402
 from retrieval_ext.data.datasets import get_retrieval_metadata  # noqa: E402
+from retrieval_ext.engine.trainer import setup_finetune_cfg  # noqa: E402
 from retrieval_ext.evaluation.evaluator import (  # noqa: E402
     NoGroundTruthError,
     db_positions,
@@ -40,6 +41,7 @@ from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
 from retrieval_ext.retrieval.search import STAGES  # noqa: E402
+from retrieval_ext.utils.io import atomic_dir, atomic_write, atomic_write_json  # noqa: E402
 from retrieval_ext.utils.visualization import result_strip, write_gallery  # noqa: E402
 
 COMMANDS = ("index", "evaluate", "visualize", "search", "all")
@@ -76,10 +78,12 @@ def setup(args):
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    pipeline.register_config_datasets(cfg)
+    # a fine-tuning config: the class count follows the dataset's query objects, as in training
+    setup_finetune_cfg(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
-    pipeline.register_config_datasets(cfg)
     return cfg
 
 
@@ -126,7 +130,9 @@ def save_rankings(cfg, index, queries, results):
         arrays[f"{stage}/image_ids"] = np.stack([ids[r.order[:k]] for r in per_query])
         arrays[f"{stage}/scores"] = np.stack([r.scores[:k] for r in per_query])
         arrays[f"{stage}/boxes"] = np.stack([r.boxes[:k] for r in per_query])
-    np.savez_compressed(os.path.join(cfg.OUTPUT_DIR, "rankings.npz"), **arrays)
+    atomic_write(
+        os.path.join(cfg.OUTPUT_DIR, "rankings.npz"), lambda p: np.savez_compressed(p, **arrays)
+    )
 
 
 def latency_table(results):
@@ -150,13 +156,11 @@ def run_evaluate(cfg, extractor, searched=None):
         logger.warning(str(e))
         scores = None
     if comm.is_main_process():
-        with open(os.path.join(cfg.OUTPUT_DIR, "latency.json"), "w") as f:
-            json.dump(latency, f, indent=2)
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "latency.json"), latency)
         lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]
         logger.info("per-query latency of each stage (stored features only):\n" + "\n".join(lines))
         if scores is not None:
-            with open(os.path.join(cfg.OUTPUT_DIR, "retrieval_results.json"), "w") as f:
-                json.dump(scores, f, indent=2)
+            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "retrieval_results.json"), scores)
             title = f"{cfg.RETRIEVAL.DATASET}: {len(queries)} queries, {index.num_images} images"
             logger.info("results (%):\n" + format_table(scores, title))
     return scores
@@ -200,9 +204,13 @@ def run_visualize(cfg, extractor, stage, searched=None):
         hits = sum(1 for x in rel if x)
         name = f"{qi:03d}_{q['image_id'].replace('/', '_')}"
         entries.append({"name": name, "strip": strip, "caption": f"{hits}/{k} relevant ({stage})"})
-    path = write_gallery(
-        os.path.join(cfg.OUTPUT_DIR, "visualization"), f"{cfg.RETRIEVAL.DATASET}: {stage}", entries
-    )
+    vis_dir = os.path.join(cfg.OUTPUT_DIR, "visualization")
+    with atomic_dir(vis_dir) as tmp:  # the old gallery stays whole until the new one is
+        write_gallery(tmp, f"{cfg.RETRIEVAL.DATASET}: {stage}", entries)
+        unwritten = [e["name"] for e in entries if not os.path.isfile(f"{tmp}/{e['name']}.jpg")]
+        if unwritten:  # cv2.imwrite reports failure by its return value only
+            raise OSError(errno.EIO, f"could not write the result strips {unwritten}")
+    path = os.path.join(vis_dir, "index.html")
     logger.info(f"wrote {len(entries)} result strips, see {path}")
     return path
 
@@ -214,8 +222,10 @@ def run_single_search(cfg, args):
     stage = args.stage or "ca_sr_qe"
     hits = engine.query(args.query_image, args.query_box, stage=stage, top_k=args.top_k)
     rows = [h.__dict__ for h in hits]
-    with open(os.path.join(cfg.OUTPUT_DIR, "search_results.json"), "w") as f:
-        json.dump({"query": args.query_image, "box": args.query_box, "stage": stage, "hits": rows}, f, indent=2)
+    atomic_write_json(
+        os.path.join(cfg.OUTPUT_DIR, "search_results.json"),
+        {"query": args.query_image, "box": args.query_box, "stage": stage, "hits": rows},
+    )
     for h in hits:
         print(f"{h.rank:3d}  {h.score:8.4f}  {h.image_id}  box={h.box}")
     return hits

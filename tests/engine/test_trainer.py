@@ -18,6 +18,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.env import seed_all_rng
 
 from retrieval_ext.config import add_retrieval_config
 from retrieval_ext.data.datasets import register_custom_dataset, unregister_retrieval_dataset
@@ -94,7 +95,7 @@ def _expected_trainable(model, backbone, strategy):
 
 @pytest.mark.parametrize(
     "backbone, strategy, iters",
-    [("ZF", "ft1", 12), ("ZF", "ft2", 12), ("EfficientNet-Lite0", "ft2", 2)],
+    [("ZF", "ft1", 20), ("ZF", "ft2", 20), ("EfficientNet-Lite0", "ft2", 2)],
 )
 def test_strategy_trains_exactly_its_parameters(bench, tmp_path, backbone, strategy, iters):
     cfg = _cfg(
@@ -116,7 +117,8 @@ def test_strategy_trains_exactly_its_parameters(bench, tmp_path, backbone, strat
     cfg.DATASETS.TRAIN = (ONE_BATCH,)
     cfg.DATASETS.TEST = ()  # no evaluation after training: this test is about the weights
     cfg.freeze()
-    torch.manual_seed(0)
+    # torch (initialisation, RoI and anchor sampling), numpy (the sampler's seed) and random
+    seed_all_rng(0)
     trainer = RetrievalTrainer(cfg)
     trainer.resume_or_load(resume=False)
     model = trainer.model
@@ -138,8 +140,9 @@ def test_strategy_trains_exactly_its_parameters(bench, tmp_path, backbone, strat
 
     losses = [v for v, _ in trainer.storage.history("total_loss").values()]
     assert len(losses) == iters
-    if iters >= 10:
-        assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+    if iters >= 20:
+        # one repeated batch: over 24 seeds the last-5 / first-5 mean ratio stayed under 0.76
+        assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
 
 
 def _run(script, args, env, cwd):
