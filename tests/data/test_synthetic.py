@@ -170,7 +170,7 @@ def test_positive_regions_look_like_their_query(tmp_path):
             hits += min(dist, key=dist.get) == name
             total += 1
     assert total >= 12
-    assert hits / total >= 0.6  # chance is 0.25
+    assert hits / total >= 0.5  # chance is 0.25; seeds 0-7 give 0.65 to 0.92
 
 
 def test_generic_detection_set_is_coco_and_disjoint(tmp_path):
