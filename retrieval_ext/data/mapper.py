@@ -1,9 +1,19 @@
 """Dataset mapper for retrieval datasets (database, query and fine-tuning dicts).
 
 Training behaves like detectron2's ``DatasetMapper`` and also honours ``horizontal_flip=True``
-(the flipped copies of the fine-tuning set). Inference reads the image (EXIF-oriented), crops
-queries marked ``crop_query`` to their box, resizes, and returns the query box in original (or
-crop) coordinates so that the model can map it to its feature map.
+(the flipped copies of the fine-tuning set). Inference reads the image (EXIF-oriented), checks
+the query box against it, crops queries marked ``crop_query`` to their box, resizes, and returns
+the query box in original (or crop) coordinates so that the model can map it to its feature map.
+
+Images are read by :func:`read_image`, for database images, queries and the Python API alike:
+
+- the whole file is decoded at once, so a truncated or corrupt file, an empty file, a non-image
+  with an image extension or a missing file raises :class:`UnreadableImageError`;
+- the EXIF orientation is applied (``height``, ``width`` and boxes are in that oriented frame);
+- transparency (RGBA, LA, palette with a transparent colour) is composited over white, the
+  background viewers show, so hidden colour values under transparent pixels never matter;
+- 16-bit grayscale ("I;16", "I") is scaled to 8 bits (value / 257) rather than clipped at 255;
+- grayscale, CMYK, palette and bilevel images are converted by PIL to ``INPUT.FORMAT``.
 """
 
 import copy
@@ -16,9 +26,17 @@ from detectron2.config import configurable
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["RetrievalDatasetMapper", "UnreadableImageError", "crop_to_box"]
+from .boxes import validate_box
+
+__all__ = ["RetrievalDatasetMapper", "UnreadableImageError", "crop_to_box", "read_image"]
+
+# PIL modes carrying transparency; composited over _BACKGROUND before any conversion.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_BACKGROUND = (255, 255, 255)
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class UnreadableImageError(OSError):
@@ -37,6 +55,49 @@ class UnreadableImageError(OSError):
     def __reduce__(self):
         # keep both fields across pickling (DataLoader workers send exceptions between processes)
         return type(self), (self.file_name, self.reason)
+
+
+def _flatten_alpha(image: Image.Image) -> Image.Image:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    # 65535 -> 255 exactly; PIL's own convert("L") would clip every value above 255 to white
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
+    """Reads an image the way every part of retrieval_ext does (see the module docstring).
+
+    Args:
+        file_name: the image file (any name: spaces and non-ASCII characters are fine).
+        format: ``INPUT.FORMAT``: "BGR", "RGB", or another PIL mode (as detectron2's
+            ``read_image``).
+
+    Returns:
+        np.ndarray: (H, W, C) uint8 in ``format`` channel order, H x W in the EXIF-oriented frame.
+
+    Raises:
+        UnreadableImageError: the file is missing, empty, not an image, truncated or corrupt.
+    """
+    try:
+        with PathManager.open(file_name, "rb") as f:
+            image = Image.open(f)
+            image.load()  # decode everything now: a truncated file fails here, not later
+        image = utils._apply_exif_orientation(image)
+        if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+            image = _flatten_alpha(image)
+        elif image.mode in _16BIT_MODES:
+            image = _to_8bit(image)
+        array = utils.convert_PIL_to_numpy(image, format)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise UnreadableImageError(file_name, f"{type(e).__name__}: {e}") from e
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise UnreadableImageError(file_name, f"empty image of shape {array.shape}")
+    return array
 
 
 def crop_to_box(image: np.ndarray, box) -> tuple:
@@ -88,10 +149,7 @@ class RetrievalDatasetMapper(DatasetMapper):
         return super().from_config(cfg, is_train)
 
     def _read(self, file_name: str) -> np.ndarray:
-        try:
-            return utils.read_image(file_name, format=self.image_format)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise UnreadableImageError(file_name, f"{type(e).__name__}: {e}") from e
+        return read_image(file_name, format=self.image_format)
 
     def __call__(self, dataset_dict: dict) -> dict:
         """
@@ -100,6 +158,11 @@ class RetrievalDatasetMapper(DatasetMapper):
 
         Returns:
             dict: model input (see class docstring).
+
+        Raises:
+            UnreadableImageError: the image cannot be read.
+            InvalidBoxError (a ValueError): at inference, the query box does not fit the image
+                (see :mod:`retrieval_ext.data.boxes`; a box partly outside is clamped).
         """
         dataset_dict = copy.deepcopy(dataset_dict)
         image = self._read(dataset_dict["file_name"])
@@ -107,7 +170,10 @@ class RetrievalDatasetMapper(DatasetMapper):
             utils.check_image_size(dataset_dict, image)
 
         query_box = dataset_dict.get("query_box")
-        if query_box is not None:
+        if query_box is not None and not self.is_train:
+            where = f"query {dataset_dict.get('image_id', '')!r} ({dataset_dict['file_name']})"
+            query_box = validate_box(query_box, image.shape[:2], where)
+        elif query_box is not None:
             query_box = [float(v) for v in query_box]
         if not self.is_train and query_box is not None and dataset_dict.get("crop_query"):
             image, _ = crop_to_box(image, query_box)

@@ -8,7 +8,7 @@ Example::
     for hit in engine.query("query.jpg", [10, 20, 200, 180], stage="ca_sr_qe", top_k=5):
         print(hit.rank, hit.image_id, hit.score, hit.box)
 """
-import math
+
 import os
 import threading
 from dataclasses import dataclass
@@ -16,9 +16,10 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from detectron2.config import get_cfg
-from detectron2.data.detection_utils import read_image
 
 from ..config import add_retrieval_config
+from ..data.boxes import validate_box
+from ..data.mapper import read_image
 from .extractor import FeatureExtractor
 from .pipeline import (
     build_searcher,
@@ -28,7 +29,7 @@ from .pipeline import (
     register_config_datasets,
 )
 
-__all__ = ["SearchHit", "InstanceSearch", "validate_box"]
+__all__ = ["SearchHit", "InstanceSearch"]
 
 
 @dataclass
@@ -50,38 +51,6 @@ class SearchHit:
     box: Optional[List[float]]
 
 
-def validate_box(box, image_size, where: str = "query") -> List[float]:
-    """Check a query box against its image and return it as 4 floats.
-
-    Coordinates outside the image are clamped to it (documented behaviour); everything else that
-    cannot describe a region raises.
-
-    Args:
-        box: (x1, y1, x2, y2) in pixels.
-        image_size: (height, width) of the image.
-        where: names the query in error messages.
-
-    Raises:
-        ValueError: not 4 numbers, non-finite, reversed corners, zero area, or outside the image.
-    """
-    try:
-        values = [float(v) for v in box]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: box {box!r} is not 4 numbers (x1, y1, x2, y2)") from None
-    if len(values) != 4 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{where}: box {box!r} must be 4 finite numbers (x1, y1, x2, y2)")
-    x1, y1, x2, y2 = values
-    if x2 <= x1 or y2 <= y1:
-        raise ValueError(
-            f"{where}: box {values} has reversed corners or zero area (needs x2 > x1, y2 > y1)"
-        )
-    h, w = image_size
-    cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(w)), min(y2, float(h))
-    if cx2 <= cx1 or cy2 <= cy1:
-        raise ValueError(f"{where}: box {values} lies outside the {w} x {h} image")
-    return [cx1, cy1, cx2, cy2]
-
-
 class InstanceSearch:
     """A loaded model + index + whitening, answering (image, box) queries.
 
@@ -98,7 +67,10 @@ class InstanceSearch:
         index_dir = cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
         self.index = open_index(index_dir, self.extractor, dataset)
         whitening = load_or_learn_whitening(
-            self.extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, cfg.OUTPUT_DIR,
+            self.extractor,
+            cfg.RETRIEVAL.WHITENING_DATASET,
+            dataset,
+            cfg.OUTPUT_DIR,
             dim=cfg.RETRIEVAL.WHITENING_DIM,
         )
         self.searcher = build_searcher(cfg, self.index, whitening)
@@ -117,13 +89,23 @@ class InstanceSearch:
         return cls(cfg)
 
     def query_record(self, image: Union[str, np.ndarray], box) -> dict:
-        """Extract a query record from a file name or an array in ``cfg.INPUT.FORMAT`` order."""
-        where = f"query {image!r}" if isinstance(image, str) else "query"
-        if isinstance(image, str):
-            image = read_image(image, format=self.cfg.INPUT.FORMAT)
-        box = validate_box(box, image.shape[:2], where)
+        """Extract a query record from a file name or an array in ``cfg.INPUT.FORMAT`` order.
+
+        A file is read as database images are (EXIF orientation applied: ``box`` is in the
+        oriented frame). The box is checked against the image (see
+        :mod:`retrieval_ext.data.boxes`: errors name the query and the box; a box partly outside
+        is clamped).
+
+        Raises:
+            UnreadableImageError: the file cannot be read.
+            InvalidBoxError (a ValueError): the box does not describe a region of the image.
+        """
+        where = f"query {image!r}" if isinstance(image, (str, os.PathLike)) else "query (array)"
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(os.fspath(image), format=self.cfg.INPUT.FORMAT)
+        box = validate_box(box, np.shape(image)[:2], where)  # before waiting for the model
         with self._model_lock:
-            return self.extractor.query_record_from_image(image, box)
+            return self.extractor.query_record_from_image(image, box, where)
 
     def query(
         self,
@@ -137,9 +119,9 @@ class InstanceSearch:
 
         Args:
             image: a file name or an (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` order.
-            box: (x1, y1, x2, y2) in the image's pixels.
+            box: (x1, y1, x2, y2) in the image's pixels (after EXIF orientation).
             stage: one of the pipeline stages (see retrieval_ext.retrieval.search).
-            top_k: number of hits returned.
+            top_k: number of hits returned (fewer when the database is smaller).
             class_id: the query object's class, for the CS-SR stages.
 
         Returns:
@@ -150,6 +132,8 @@ class InstanceSearch:
 
     def search_record(self, record: dict, stage="ca_sr_qe", top_k=10, class_id=None):
         """Like :meth:`query` for an already extracted query record."""
+        if int(top_k) < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
         result = self.searcher.search(record, [stage], class_id=class_id)[stage]
         hits = []
         for r, (i, s, b) in enumerate(
@@ -157,5 +141,7 @@ class InstanceSearch:
         ):
             box = [float(v) for v in b] if np.all(np.isfinite(b)) else None
             i = int(i)
-            hits.append(SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], float(s), box))
+            hits.append(
+                SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], float(s), box)
+            )
         return hits

@@ -3,6 +3,7 @@
 Turns the model's outputs into the numpy records the index stores (database images) and the
 query records search uses. All boxes in records are XYXY in original-image pixels.
 """
+
 import hashlib
 import logging
 from typing import Dict, List, Optional, Sequence
@@ -12,6 +13,7 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
+from ..data.boxes import validate_box, warn_if_below_cell
 from ..data.mapper import RetrievalDatasetMapper, UnreadableImageError
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .normalization import l2_normalize
@@ -179,21 +181,40 @@ class FeatureExtractor:
                 records.append((d["image_id"], rec))
         return records, [(d["image_id"], reason) for d, reason in failed]
 
-    def query_record_from_image(self, image: np.ndarray, box) -> dict:
+    def _warn_small_query_box(self, x: dict, where: str):
+        """Warns when the query box of model input ``x`` is smaller than one IPA-map cell."""
+        strides = getattr(getattr(self.model, "module", self.model), "ipa_strides", None)
+        if not strides:
+            return
+        _, in_h, in_w = x["image"].shape
+        scale = (in_h / x["height"], in_w / x["width"])
+        warn_if_below_cell(x["query_boxes"][0].tolist(), scale, min(strides), where)
+
+    def query_record_from_image(self, image: np.ndarray, box, where: str = "query") -> dict:
         """The record of a query given as an image array.
 
         Args:
             image: (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` channel order.
-            box: (x1, y1, x2, y2) in the array's pixels.
+            box: (x1, y1, x2, y2) in the array's pixels; checked and clamped by
+                :func:`~retrieval_ext.data.boxes.validate_box`.
+            where: names the query in messages.
+
+        Raises:
+            InvalidBoxError (a ValueError): the box does not describe a region of the image.
         """
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"{where}: image must be an (H, W, 3) array, got {image.shape}")
+        box = validate_box(box, image.shape[:2], where)
         aug = T.AugInput(image)
         self.mapper.augmentations(aug)
         x = {
             "image": torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
             "height": image.shape[0],
             "width": image.shape[1],
-            "query_boxes": torch.as_tensor([list(box)], dtype=torch.float32),
+            "query_boxes": torch.as_tensor([box], dtype=torch.float32),
         }
+        self._warn_small_query_box(x, where)
         return outputs_to_query(self.run([x])[0])
 
     def query_record(self, dataset_dict: dict) -> dict:
@@ -201,6 +222,9 @@ class FeatureExtractor:
 
         Raises:
             UnreadableImageError: the query image cannot be read.
+            InvalidBoxError (a ValueError): the query box does not fit its image.
         """
         x = self.mapper(dict(dataset_dict))
+        where = f"query {dataset_dict.get('image_id', '')!r} ({dataset_dict['file_name']})"
+        self._warn_small_query_box(x, where)
         return outputs_to_query(self.run([x])[0])

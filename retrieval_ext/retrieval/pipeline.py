@@ -3,20 +3,32 @@
 index a database once -> learn (or load) the whitening -> extract the queries -> search every
 query with every stage. Everything is written under the directories the caller passes.
 """
+
+import hashlib
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..data.datasets import register_custom_dataset
+from ..data.datasets.common import UnknownDatasetError
+from ..utils.io import atomic_write
 from .extractor import FeatureExtractor
-from .index_store import FieldSpec, IndexReader, IndexSchema, IndexWriter, default_schema
+from .index_store import (
+    FieldSpec,
+    IndexReader,
+    IndexSchema,
+    IndexWriteError,
+    IndexWriter,
+    default_schema,
+)
 from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 from .search import CS_STAGES, InstanceSearcher, StageResult
 
@@ -54,11 +66,35 @@ def register_config_datasets(cfg) -> List[str]:
 
 
 def get_dataset_dicts(name: str) -> List[dict]:
-    """``DatasetCatalog.get(name)`` with an error that lists the registered retrieval datasets."""
+    """``DatasetCatalog.get(name)`` with clear errors.
+
+    Args:
+        name: a registered view, e.g. ``"oxford5k_db"``.
+
+    Returns:
+        list[dict]: the view's dataset dicts.
+
+    Raises:
+        UnknownDatasetError (a KeyError): ``name`` is not registered; the message lists the
+            registered retrieval datasets.
+        FileNotFoundError: the dataset's folder or ground-truth files are missing; the message
+            names the path and quotes the expected layout (datasets/README.md).
+    """
     if name not in DatasetCatalog.list():
-        known = sorted(n[: -len("_db")] for n in DatasetCatalog.list() if n.endswith("_db"))
-        raise KeyError(f"dataset {name!r} is not registered; registered retrieval datasets: {known}")
+        for view in ("_db", "_query", "_finetune"):
+            if name.endswith(view) and f"{name[: -len(view)]}_query" not in DatasetCatalog:
+                raise UnknownDatasetError(name[: -len(view)])
+        raise UnknownDatasetError(name)
     return DatasetCatalog.get(name)
+
+
+def skipped_images(dataset: str) -> Dict[str, str]:
+    """Database images the loader of ``dataset`` left out as missing or unreadable.
+
+    Returns:
+        {image name: reason}; empty when none were (or the loader does not report them).
+    """
+    return dict(getattr(MetadataCatalog.get(f"{dataset}_db"), "skipped_images", None) or {})
 
 
 def index_manifest(extractor: FeatureExtractor, dataset: str) -> dict:
@@ -90,17 +126,32 @@ def build_index(
 ) -> Optional[IndexReader]:
     """Extract every image of ``<dataset>_db`` once and store its features in ``index_dir``.
 
-    Resumes an interrupted run (images stored in complete shards are skipped). Under
+    Resumes an interrupted run (images stored in complete shards are skipped; a run killed at
+    any point, even by SIGKILL, resumes to the index an uninterrupted run gives). Under
     torch.distributed each rank extracts every ``world_size``-th pending image into its own
-    shards and rank 0 finalizes after all ranks are done. Unreadable images are skipped, recorded
-    in the manifest and reported in one warning.
+    shards and rank 0 finalizes after all ranks are done.
+
+    Unreadable images are skipped and listed in the manifest's ``failed`` ({name: reason}):
+    those the dataset loader already left out (empty files, non-images, named in its warning)
+    and those that fail to decode here (truncated, corrupt; named in one warning at the end).
 
     Returns:
         the finalized index (on every rank), or the existing one if it was already complete.
+
+    Raises:
+        IndexMismatchError: ``index_dir`` holds an index built with another model, config or
+            weights (the message names what differs).
+        IndexWriteError (an OSError): the index cannot be written (disk full, read-only, a path
+            under a file); the images stored before stay stored and a rerun resumes.
+        ValueError: no database image could be read.
     """
     db_name = f"{dataset}_db"
     dicts = get_dataset_dicts(db_name)
-    image_list = [d["image_id"] for d in dicts]
+    db_ids = [d["image_id"] for d in dicts]
+    known = set(db_ids)
+    pre_skipped = {k: v for k, v in skipped_images(dataset).items() if k not in known}
+    # stored images keep the database order; the loader-skipped ones follow, to be listed
+    image_list = db_ids + sorted(pre_skipped)
     manifest = index_manifest(extractor, dataset)
     if (Path(index_dir) / "manifest.json").is_file():
         index = IndexReader(index_dir)
@@ -108,17 +159,25 @@ def build_index(
         if index.info["image_list"] == image_list:
             logger.info(f"index {index_dir} is complete ({index.num_images} images), reused")
             return index
+    if not image_list:
+        raise ValueError(f"{db_name} has no database images: nothing to index")
     rank, world = comm.get_rank(), comm.get_world_size()
     schema = index_schema(extractor.store_class_boxes)
     writer = IndexWriter(index_dir, manifest, shard_size, dtype, rank, schema)
+    failed = []
     try:
         pending = set(writer.pending(image_list))
         todo = [d for d in dicts if d["image_id"] in pending][rank::world]
         if len(pending) < len(image_list):
+            stored = sum(1 for i in image_list if i in writer.done_ids)
+            marked = len(image_list) - len(pending) - stored
             logger.info(
-                f"resuming {index_dir}: {len(image_list) - len(pending)} images already stored"
+                f"resuming {index_dir}: {stored} images already stored"
+                + (f", {marked} already listed as unreadable" if marked else "")
             )
-        failed = []
+        if rank == 0:
+            for name in sorted(pending & set(pre_skipped)):
+                writer.mark_failed(name, pre_skipped[name])
         bar = tqdm(
             total=len(todo),
             desc=f"indexing {db_name}" + (f" [rank {rank}]" if world > 1 else ""),
@@ -136,17 +195,34 @@ def build_index(
             bar.update(len(chunk))
         bar.close()
         writer.close()
+    except IndexWriteError as e:
+        writer.abort()
+        raise IndexWriteError(
+            f"{e}\nindexing {db_name} stopped; the images stored so far in {index_dir} are kept: "
+            "fix the cause (free disk space, a writable RETRIEVAL.INDEX_DIR / OUTPUT_DIR) and "
+            "rerun to resume"
+        ) from e
     except BaseException:
         writer.abort()
         raise
-    if failed:
-        lines = "\n".join(f"  {i}: {r}" for i, r in failed)
-        logger.warning(f"{len(failed)} unreadable images skipped (listed in the manifest):\n{lines}")
+    finally:
+        if failed:
+            lines = "\n".join(f"  {i}: {r}" for i, r in failed)
+            logger.warning(
+                f"{len(failed)} unreadable images of {db_name} skipped (listed in the index "
+                f"manifest):\n{lines}"
+            )
     comm.synchronize()
     if comm.is_main_process():
         IndexWriter(index_dir, manifest, shard_size, dtype, rank, schema).finalize(image_list)
     comm.synchronize()
-    return IndexReader(index_dir)
+    index = IndexReader(index_dir)
+    if index.num_images == 0:
+        raise ValueError(
+            f"none of the {len(image_list)} database images of {db_name} could be read "
+            f"(reasons in {Path(index_dir) / 'manifest.json'}, key 'failed')"
+        )
+    return index
 
 
 def open_index(index_dir: str, extractor: Optional[FeatureExtractor], dataset: str) -> IndexReader:
@@ -172,27 +248,40 @@ def load_or_learn_whitening(
 
     Returns:
         None when ``whitening_dataset`` is empty.
+
+    Raises:
+        ValueError: the whitening dataset has fewer than 2 readable images.
+        OutputWriteError (an OSError): the whitening file cannot be written.
     """
     if not whitening_dataset:
         return None
     if whitening_dataset == test_dataset:
         logger.warning(
             f"whitening is learned on {whitening_dataset!r}, the dataset being evaluated: "
-            "it leaks test-set statistics into the results (the paper learns it on another "
-            "dataset, e.g. Paris 6k for Oxford 5k)"
+            "it leaks ground truth (the test images' statistics) into the results; the paper "
+            "learns it on another dataset, e.g. Paris 6k for Oxford 5k "
+            "(RETRIEVAL.WHITENING_DATASET)"
         )
     key = extractor.fingerprint["weights_hash"]
     path = Path(work_dir) / f"whitening-{whitening_dataset}-{key}-d{dim}.npz"
     if path.is_file():
         return PCAWhitening.load(path)
     index = build_index(
-        extractor, whitening_dataset, str(Path(work_dir) / f"index-{whitening_dataset}"),
-        **index_kwargs
+        extractor,
+        whitening_dataset,
+        str(Path(work_dir) / f"index-{whitening_dataset}"),
+        **index_kwargs,
     )
     if comm.is_main_process():
         X = l2_normalize(index.image_vectors("ipa_sum"))
-        w = learn_pca_whitening(X, dim=dim or None)
-        w.save(path)
+        try:
+            w = learn_pca_whitening(X, dim=dim or None)
+        except ValueError as e:
+            raise ValueError(
+                f"cannot learn the whitening on {whitening_dataset!r} ({index.num_images} "
+                f"readable images): {e}"
+            ) from e
+        atomic_write(path, w.save)
         logger.info(f"learned PCA whitening on {index.num_images} images of {whitening_dataset}")
     comm.synchronize()
     return PCAWhitening.load(path)
@@ -201,25 +290,68 @@ def load_or_learn_whitening(
 _QUERY_FIELDS = ("ipa_sum", "ipa_max", "box", "crop_sum", "crop_max", "rpa_sum", "rpa_max")
 
 
+def _queries_signature(extractor: FeatureExtractor, dicts: Sequence[dict]) -> str:
+    """What a cached query record depends on: model config, weights, images, boxes, crops."""
+    parts = [
+        extractor.fingerprint["model_config"],
+        extractor.fingerprint["weights_hash"],
+        json.dumps(
+            [
+                [
+                    d["image_id"],
+                    d["file_name"],
+                    list(map(float, d["query_box"])),
+                    bool(d.get("crop_query", False)),
+                ]
+                for d in dicts
+            ]
+        ),
+    ]
+    return hashlib.sha1("\n".join(parts).encode("utf-8")).hexdigest()
+
+
+def _load_query_cache(cache: Path, signature: str, dicts: Sequence[dict]) -> Optional[List[dict]]:
+    """The cached records if ``cache`` holds exactly these queries; None if absent or stale."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as data:
+            if "signature" not in data.files or str(data["signature"]) != signature:
+                return None
+            arrays = {f: np.array(data[f]) for f in _QUERY_FIELDS if dicts}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning(f"ignoring the unreadable query cache {cache} ({e}); extracting again")
+        return None
+    return [_query_from_cache(arrays, i, d) for i, d in enumerate(dicts)]
+
+
 def extract_queries(
     extractor: FeatureExtractor, dataset: str, cache_dir: Optional[str] = None
 ) -> List[dict]:
     """Records of every query of ``<dataset>_query`` (one forward pass each), cached on disk.
 
+    Each query box is checked against its image (EXIF-oriented) by the mapper: a box that
+    cannot describe a region raises an error naming the query and the box; one partly outside is
+    clamped (see :mod:`retrieval_ext.data.boxes`). The cache is reused only for the same model
+    config, weights, query images and boxes; it is written atomically.
+
     Returns:
         list of query records in query order, each with the dataset dict's ``image_id``,
         ``file_name``, ``category_id`` and ``object_name`` added.
+
+    Raises:
+        InvalidBoxError (a ValueError): a query box does not fit its image.
+        UnreadableImageError: a query image cannot be read.
     """
     dicts = get_dataset_dicts(f"{dataset}_query")
     cache = None
     if cache_dir:
         key = extractor.fingerprint["weights_hash"]
         cache = Path(cache_dir) / f"queries-{dataset}-{key}.npz"
-        if cache.is_file():
-            data = np.load(cache)
-            stored_ids = json.loads(str(data["image_ids"]))
-            if stored_ids == [d["image_id"] for d in dicts]:
-                return [_query_from_cache(data, i, d) for i, d in enumerate(dicts)]
+        signature = _queries_signature(extractor, dicts)
+        cached = _load_query_cache(cache, signature, dicts)
+        if cached is not None:
+            return cached
     records = []
     for d in tqdm(dicts, desc=f"queries {dataset}", unit="query"):
         rec = extractor.query_record(d)
@@ -227,10 +359,8 @@ def extract_queries(
     if cache is not None and comm.is_main_process():
         arrays = {f: np.stack([r[f] for r in records]) for f in _QUERY_FIELDS} if records else {}
         arrays["image_ids"] = np.array(json.dumps([d["image_id"] for d in dicts]))
-        tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}.npz")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)
+        arrays["signature"] = np.array(signature)
+        atomic_write(cache, lambda tmp: np.savez(tmp, **arrays))
     return records
 
 

@@ -15,6 +15,7 @@ time any view is loaded. Use :func:`get_retrieval_metadata` to get metadata that
 hold the ground truth.
 """
 
+import contextvars
 import copy
 import logging
 import os
@@ -26,12 +27,16 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
 
+from ..boxes import as_box
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "RetrievalData",
     "VIEWS",
+    "UnknownDatasetError",
     "check_images",
     "clear_retrieval_cache",
+    "expected_layout",
     "get_datasets_root",
     "get_retrieval_metadata",
     "image_size",
@@ -39,6 +44,7 @@ __all__ = [
     "make_finetune_dicts",
     "parse_box",
     "register_retrieval_dataset",
+    "registered_retrieval_datasets",
     "require_dir",
     "require_file",
     "unregister_retrieval_dataset",
@@ -157,7 +163,9 @@ def check_images(
         header: also parse each image header with PIL (cheap: no decoding).
 
     Returns:
-        list[int]: positions (into ``names``) of the images kept, in order.
+        list[int]: positions (into ``names``) of the images kept, in order. The skipped ones are
+        also recorded, with their reasons, in the loaded dataset's ``skipped_images`` metadata
+        (see :func:`register_retrieval_dataset`), so the index manifest can list them.
     """
     kept, skipped = [], []
     for i, (name, path) in enumerate(zip(names, paths)):
@@ -165,12 +173,15 @@ def check_images(
         if reason is None:
             kept.append(i)
         else:
-            skipped.append(f"{name} ({reason})")
+            skipped.append((name, reason))
     if skipped:
         logger.warning(
             f"{dataset}: skipped {len(skipped)} of {len(names)} database images that are missing "
-            f"or unreadable: " + ", ".join(skipped)
+            f"or unreadable: " + ", ".join(f"{n} ({r})" for n, r in skipped)
         )
+    collector = _SKIPPED.get()
+    if collector is not None:
+        collector.update(skipped)
     return kept
 
 
@@ -205,24 +216,20 @@ def image_size(path: str) -> Tuple[int, int]:
 def parse_box(values, where: str) -> List[float]:
     """Checks an XYXY box: 4 finite numbers with x2 > x1 and y2 > y1.
 
+    The image is not read here; the mapper checks the box against the image's size when the query
+    is extracted (see :mod:`retrieval_ext.data.boxes`).
+
     Args:
         values: a sequence of 4 numbers (or strings of numbers).
         where: a description of the source (file and line/entry) for the error message.
 
     Returns:
         list[float]: ``[x1, y1, x2, y2]``.
+
+    Raises:
+        InvalidBoxError (a ValueError): naming ``where`` and the box.
     """
-    try:
-        if isinstance(values, (str, bytes)) or len(values) != 4:
-            raise TypeError
-        box = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: box must be 4 numbers x1 y1 x2 y2, got {values!r}") from None
-    if not all(abs(v) < float("inf") for v in box):
-        raise ValueError(f"{where}: box has a non-finite coordinate: {box}")
-    if box[2] <= box[0] or box[3] <= box[1]:
-        raise ValueError(f"{where}: box {box} needs x2 > x1 and y2 > y1")
-    return box
+    return as_box(values, where)
 
 
 def make_finetune_dicts(queries: Sequence[dict]) -> List[dict]:
@@ -272,6 +279,62 @@ def remap_names(names: Iterable[str], name_to_index: Dict[str, int]) -> List[int
 # name -> (loader_fn, root); the cache holds the loaded data of registered names only.
 _REGISTRY: Dict[str, Tuple[Callable[[str], RetrievalData], str]] = {}
 _CACHE: Dict[str, RetrievalData] = {}
+# While a loader runs, {name: reason} of the database images check_images leaves out.
+_SKIPPED: contextvars.ContextVar = contextvars.ContextVar("retrieval_skipped", default=None)
+
+# Expected on-disk layouts (datasets/README.md, abridged) quoted when a dataset's files are missing.
+_LAYOUTS = {
+    "oxford5k": (
+        "oxford5k/\n"
+        "  jpg/all_souls_000000.jpg ...        the 5,063 images (subfolders accepted)\n"
+        "  gnd_oxford5k.pkl                    and/or\n"
+        "  gt_files_170407/<landmark>_<n>_{{query,good,ok,junk}}.txt"
+    ),
+    "paris6k": (
+        "paris6k/\n"
+        "  jpg/<landmark>/paris_<landmark>_NNNNNN.jpg ...   the 6,412 files (or flat)\n"
+        "  gnd_paris6k.pkl                                  and/or\n"
+        "  paris_120310/<landmark>_<n>_{{query,good,ok,junk}}.txt"
+    ),
+    "revisited": (
+        "{base}/\n"
+        "  gnd_{base}.pkl        imlist, qimlist, gnd[i] = {{bbx, easy, hard, junk}}\n"
+        "  jpg/                  optional: else ../oxford5k/jpg or ../paris6k/jpg\n"
+        "revisitop1m/            only for the _1m variants\n"
+        "  revisitop1m.txt, jpg/..."
+    ),
+    "ins": (
+        "ins13/\n"
+        "  tv13.example.images/<topic>.<n>.src.png and <topic>.<n>.mask.png\n"
+        "  keyframes/**/shotA_B_*.jpg\n"
+        "  ins.search.qrels.tv13"
+    ),
+    "custom": (
+        "{folder}/\n"
+        "  images/...        database images (.jpg .jpeg .png .bmp .webp, any depth)\n"
+        '  queries.json      [{{"image": "queries/q.jpg", "box": [x1, y1, x2, y2], '
+        '"object": "name"}}] (or queries.csv)\n'
+        "  relevance.json    optional judgements"
+    ),
+}
+
+
+def expected_layout(name: str, root: str, protocol: Optional[str] = None) -> str:
+    """The on-disk layout a retrieval dataset needs, as quoted in missing-file errors.
+
+    Args:
+        name: dataset name (``oxford5k``, ``roxford5k_1m``, a custom name, ...).
+        root: the dataset's folder.
+        protocol: its protocol (``oxford``, ``revisited``, ``ins``, ``custom``), if known.
+
+    Returns:
+        str: a few lines of layout, or "" for an unknown kind of dataset.
+    """
+    base = re.sub(r"_1m$", "", name)
+    template = _LAYOUTS.get(name) or _LAYOUTS.get(protocol or "")
+    if template is None:
+        return ""
+    return template.format(base=base, folder=os.path.basename(os.path.normpath(root)) or root)
 
 
 def _static_metadata(name: str, root: str) -> dict:
@@ -304,9 +367,25 @@ def _set_metadata(view_name: str, values: dict) -> None:
 def _load(name: str) -> RetrievalData:
     if name not in _CACHE:
         loader_fn, root = _REGISTRY[name]
-        data = loader_fn(root)
+        skipped: Dict[str, str] = {}
+        token = _SKIPPED.set(skipped)
+        try:
+            data = loader_fn(root)
+        except FileNotFoundError as e:
+            protocol = getattr(MetadataCatalog.get(f"{name}_db"), "protocol", None)
+            layout = expected_layout(name, root, protocol)
+            if not layout:
+                raise
+            where = os.path.dirname(os.path.abspath(root))
+            raise FileNotFoundError(
+                f"{e}\nExpected layout of dataset {name!r} under {where}:\n{layout}"
+            ) from e
+        finally:
+            _SKIPPED.reset(token)
         if not isinstance(data, RetrievalData):
             data = RetrievalData(**data)
+        if skipped:
+            data.metadata = dict(data.metadata, skipped_images=skipped)
         for view in VIEWS:
             _set_metadata(f"{name}_{view}", dict(data.metadata))
         _CACHE[name] = data
@@ -334,6 +413,9 @@ def register_retrieval_dataset(
             fields); called at most once per registration, the first time a view is requested.
         root: the dataset's folder, passed to ``loader_fn``; not accessed here.
         metadata: extra static metadata set now on the three names (e.g. ``protocol``).
+
+    Once loaded, the metadata also holds ``skipped_images`` ({image name: reason}) when the
+    loader's :func:`check_images` left out missing or unreadable database images.
     """
     unregister_retrieval_dataset(name)
     _REGISTRY[name] = (loader_fn, root)
@@ -367,6 +449,35 @@ def clear_retrieval_cache(name: Optional[str] = None) -> None:
 _VIEW_SUFFIX = re.compile(r"_(db|query|finetune)$")
 
 
+def registered_retrieval_datasets() -> List[str]:
+    """Names of the registered retrieval datasets (each has ``_db``, ``_query``, ``_finetune``)."""
+    names = set(_REGISTRY)
+    names.update(n[: -len("_query")] for n in DatasetCatalog.list() if n.endswith("_query"))
+    return sorted(n for n in names if all(f"{n}_{v}" in DatasetCatalog for v in ("db", "query")))
+
+
+class UnknownDatasetError(KeyError):
+    """A dataset name that is not registered; the message lists the registered ones.
+
+    Attributes:
+        name (str): the unknown name.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        known = registered_retrieval_datasets()
+        self.message = (
+            f"Retrieval dataset {name!r} is not registered; registered retrieval datasets: "
+            f"{', '.join(known) or '(none)'}. Register your own folder with "
+            "RETRIEVAL.CUSTOM_DATASETS ['name=/path'] or register_custom_dataset (see "
+            "datasets/README.md)"
+        )
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return self.message
+
+
 def get_retrieval_metadata(name: str):
     """Metadata of a retrieval dataset, with the ground truth loaded.
 
@@ -383,10 +494,7 @@ def get_retrieval_metadata(name: str):
         base = _VIEW_SUFFIX.sub("", name)
     query_name = f"{base}_query"
     if query_name not in DatasetCatalog:
-        raise KeyError(
-            f"Retrieval dataset {name!r} is not registered ({query_name!r} is not in "
-            f"DatasetCatalog); registered: {', '.join(sorted(DatasetCatalog.list()))}"
-        )
+        raise UnknownDatasetError(name)
     meta = MetadataCatalog.get(query_name)
     if not hasattr(meta, "gnd"):
         DatasetCatalog.get(query_name)
