@@ -29,14 +29,8 @@ from detectron2.utils.logger import setup_logger
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
 from retrieval_ext.config import add_retrieval_config  # noqa: E402
-from retrieval_ext.data.datasets import get_retrieval_metadata  # noqa: E402
 from retrieval_ext.engine.trainer import setup_finetune_cfg  # noqa: E402
-from retrieval_ext.evaluation.evaluator import (  # noqa: E402
-    NoGroundTruthError,
-    db_positions,
-    evaluate_stages,
-    format_table,
-)
+from retrieval_ext.evaluation.evaluator import db_positions, format_table  # noqa: E402
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
@@ -91,32 +85,24 @@ def index_dir(cfg):
     return cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
 
 
-def _index_kwargs(cfg):
-    r = cfg.RETRIEVAL
-    return dict(shard_size=r.SHARD_SIZE, dtype=r.INDEX_DTYPE, batch_size=r.BATCH_SIZE)
-
-
 def run_index(cfg, extractor):
-    dataset = cfg.RETRIEVAL.DATASET
-    index = pipeline.build_index(extractor, dataset, index_dir(cfg), **_index_kwargs(cfg))
-    whitening = pipeline.load_or_learn_whitening(
-        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, cfg.OUTPUT_DIR,
-        dim=cfg.RETRIEVAL.WHITENING_DIM, **_index_kwargs(cfg),
+    return pipeline.prepare_index(
+        cfg, extractor, cfg.RETRIEVAL.DATASET, cfg.OUTPUT_DIR, index_dir(cfg)
     )
-    return index, whitening
 
 
 def run_search_all(cfg, extractor):
-    """Index (once), extract queries, and search every query with every applicable stage."""
-    index, whitening = run_index(cfg, extractor)
-    dataset = cfg.RETRIEVAL.DATASET
-    queries = pipeline.extract_queries(extractor, dataset, cache_dir=cfg.OUTPUT_DIR)
-    searcher = pipeline.build_searcher(cfg, index, whitening)
-    meta = get_retrieval_metadata(dataset)
-    stages = pipeline.available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
-    results = pipeline.search_all(searcher, queries, stages)
-    save_rankings(cfg, index, queries, results)
-    return index, queries, results, meta
+    """Index (once), extract queries, search every query with every applicable stage.
+
+    Returns:
+        the :class:`pipeline.SearchRun` on the main process, None on other ranks.
+    """
+    run = pipeline.search_dataset(
+        cfg, extractor, cfg.RETRIEVAL.DATASET, cfg.OUTPUT_DIR, index_dir(cfg)
+    )
+    if run is not None:
+        save_rankings(cfg, run.index, run.queries, run.results)
+    return run
 
 
 def save_rankings(cfg, index, queries, results):
@@ -144,25 +130,17 @@ def latency_table(results):
     return out
 
 
-def run_evaluate(cfg, extractor, searched=None):
-    index, queries, results, meta = searched or run_search_all(cfg, extractor)
-    db = pipeline.get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
-    latency = latency_table(results)
-    try:
-        scores = evaluate_stages(
-            results, meta, db_positions(index, db), loc_top_k=cfg.RETRIEVAL.LOC_TOP_K
-        )
-    except NoGroundTruthError as e:
-        logger.warning(str(e))
-        scores = None
-    if comm.is_main_process():
-        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "latency.json"), latency)
-        lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]
-        logger.info("per-query latency of each stage (stored features only):\n" + "\n".join(lines))
-        if scores is not None:
-            atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "retrieval_results.json"), scores)
-            title = f"{cfg.RETRIEVAL.DATASET}: {len(queries)} queries, {index.num_images} images"
-            logger.info("results (%):\n" + format_table(scores, title))
+def run_evaluate(cfg, run):
+    scores = pipeline.score_run(cfg, run)
+    latency = latency_table(run.results)
+    atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "latency.json"), latency)
+    lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]
+    logger.info("per-query latency of each stage (stored features only):\n" + "\n".join(lines))
+    if scores is not None:
+        atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "retrieval_results.json"), scores)
+        n_q, n_db = len(run.queries), run.index.num_images
+        title = f"{cfg.RETRIEVAL.DATASET}: {n_q} queries, {n_db} images"
+        logger.info("results (%):\n" + format_table(scores, title))
     return scores
 
 
@@ -183,8 +161,8 @@ def _relevance(meta, query_index, db_index):
     return db_index in pos
 
 
-def run_visualize(cfg, extractor, stage, searched=None):
-    index, queries, results, meta = searched or run_search_all(cfg, extractor)
+def run_visualize(cfg, run, stage):
+    index, queries, results, meta = run.index, run.queries, run.results, run.metadata
     stage = stage or list(results)[-1]
     if stage not in results:
         raise ValueError(f"stage {stage!r} was not run; available: {list(results)}")
@@ -239,11 +217,13 @@ def main(args):
     if args.command == "index":
         run_index(cfg, extractor)
         return None
-    searched = run_search_all(cfg, extractor)
+    run = run_search_all(cfg, extractor)
+    if run is None:  # not the main process: its share of the indexing is done
+        return None
     if args.command in ("evaluate", "all"):
-        run_evaluate(cfg, extractor, searched)
-    if args.command in ("visualize", "all") and comm.is_main_process():
-        run_visualize(cfg, extractor, args.stage, searched)
+        run_evaluate(cfg, run)
+    if args.command in ("visualize", "all"):
+        run_visualize(cfg, run, args.stage)
     return None
 
 

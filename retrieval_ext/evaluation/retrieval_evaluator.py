@@ -15,7 +15,6 @@ reports retrieval metrics: ``inference_on_dataset`` runs the model over the ``NA
 indexes the database and searches them.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -28,10 +27,10 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
-from ..data.datasets import get_retrieval_metadata
 from ..retrieval import pipeline
 from ..retrieval.extractor import FeatureExtractor, outputs_to_query
-from .evaluator import NoGroundTruthError, db_positions, evaluate_stages, format_table
+from ..utils.io import atomic_write_json
+from .evaluator import format_table
 
 __all__ = ["RetrievalEvaluator", "evaluate_retrieval", "retrieval_dataset_name"]
 
@@ -97,31 +96,16 @@ def evaluate_retrieval(
         query objects); ``{}`` on other ranks or when the dataset has no ground truth.
     """
     extractor = FeatureExtractor(cfg, model=None if model is None else _unwrap(model))
-    r = cfg.RETRIEVAL
-    index_kwargs = dict(shard_size=r.SHARD_SIZE, dtype=r.INDEX_DTYPE, batch_size=r.BATCH_SIZE)
-    index = pipeline.build_index(
-        extractor, dataset, os.path.join(work_dir, "index"), **index_kwargs
+    run = pipeline.search_dataset(
+        cfg, extractor, dataset, work_dir, os.path.join(work_dir, "index"), queries=queries
     )
-    whitening = pipeline.load_or_learn_whitening(
-        extractor, r.WHITENING_DATASET, dataset, work_dir, dim=r.WHITENING_DIM, **index_kwargs
-    )
-    if not comm.is_main_process():
+    if run is None:
         return {}
-    if queries is None:
-        queries = pipeline.extract_queries(extractor, dataset, cache_dir=work_dir)
-    searcher = pipeline.build_searcher(cfg, index, whitening)
-    meta = get_retrieval_metadata(dataset)
-    stages = pipeline.available_stages(searcher, r.STAGES, len(meta.thing_classes))
-    results = pipeline.search_all(searcher, queries, stages)
-    db = pipeline.get_dataset_dicts(f"{dataset}_db")
-    try:
-        scores = evaluate_stages(results, meta, db_positions(index, db), loc_top_k=r.LOC_TOP_K)
-    except NoGroundTruthError as e:
-        logger.warning(str(e))
+    scores = pipeline.score_run(cfg, run)
+    if scores is None:
         return {}
-    with open(os.path.join(work_dir, "retrieval_results.json"), "w") as f:
-        json.dump(scores, f, indent=2)
-    title = f"{dataset}: {len(queries)} queries, {index.num_images} images ({work_dir})"
+    atomic_write_json(os.path.join(work_dir, "retrieval_results.json"), scores)
+    title = f"{dataset}: {len(run.queries)} queries, {run.index.num_images} images ({work_dir})"
     logger.info("retrieval results (%):\n" + format_table(scores, title))
     return scores
 

@@ -10,7 +10,8 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -18,9 +19,12 @@ from detectron2.utils import comm
 from tqdm import tqdm
 
 from ..data.datasets import register_custom_dataset
-from ..data.datasets.common import UnknownDatasetError
+from ..data.datasets.common import UnknownDatasetError, get_retrieval_metadata
+from ..evaluation.evaluator import NoGroundTruthError, db_positions, evaluate_stages
 from ..utils.io import atomic_write
 from .extractor import FeatureExtractor
+from .faiss_search import FaissParams
+from .compression import COMPRESSION_FILE, RegionCompression
 from .index_store import (
     FieldSpec,
     IndexReader,
@@ -42,6 +46,11 @@ __all__ = [
     "extract_queries",
     "build_searcher",
     "search_all",
+    "SearchRun",
+    "index_options",
+    "prepare_index",
+    "search_dataset",
+    "score_run",
 ]
 
 logger = logging.getLogger("retrieval_ext")
@@ -388,7 +397,94 @@ def build_searcher(cfg, index: IndexReader, whitening: Optional[PCAWhitening]) -
         top_n=r.TOP_N,
         qe_m=r.QE_M,
         qe_rerank_mode=r.QE_RERANK_MODE,
+        filter_backend=r.FILTER_BACKEND,
+        faiss_params=faiss_params_from_cfg(cfg),
+        filter_top_k=r.FILTER_TOP_K,
     )
+
+
+def faiss_params_from_cfg(cfg) -> FaissParams:
+    """The faiss filtering index parameters of ``cfg.RETRIEVAL`` (FAISS_*)."""
+    r = cfg.RETRIEVAL
+    return FaissParams(
+        kind=r.FAISS_INDEX,
+        nlist=r.FAISS_NLIST,
+        pq_m=r.FAISS_PQ_M,
+        nprobe=r.FAISS_NPROBE,
+        hnsw_m=r.FAISS_HNSW_M,
+        ef_search=r.FAISS_EF_SEARCH,
+    )
+
+
+def region_compression_from_cfg(
+    cfg, extractor: FeatureExtractor, work_dir: str, **index_kwargs
+) -> Optional[RegionCompression]:
+    """The region compression of ``cfg.RETRIEVAL.REGION_*``; None when nothing is compressed.
+
+    With ``REGION_PCA_DIM`` the PCA is learned on the database region vectors
+    (``rpa_sum`` and ``rpa_max`` together) of ``REGION_PCA_DATASET`` (default: the whitening
+    dataset), indexed uncompressed under ``work_dir`` first, and saved there for reuse.
+
+    Raises:
+        ValueError: PCA asked without a dataset to learn it on, or on the searched dataset.
+    """
+    r = cfg.RETRIEVAL
+    dtype = r.REGION_DTYPE or r.INDEX_DTYPE
+    if not r.REGION_NUM_PROPOSALS and not r.REGION_PCA_DIM and not r.REGION_DTYPE:
+        return None
+    if not r.REGION_PCA_DIM:
+        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype)
+    source = r.REGION_PCA_DATASET or r.WHITENING_DATASET
+    if not source or source == r.DATASET:
+        raise ValueError(
+            "RETRIEVAL.REGION_PCA_DIM needs REGION_PCA_DATASET (or WHITENING_DATASET): another "
+            f"dataset than the searched {r.DATASET!r} to learn the region PCA on"
+        )
+    key = extractor.fingerprint["weights_hash"]
+    path = Path(work_dir) / f"region-pca-{source}-{key}-d{r.REGION_PCA_DIM}.npz"
+    if not path.is_file():
+        index = build_index(
+            extractor, source, str(Path(work_dir) / f"index-{source}"), **index_kwargs
+        )
+        if comm.is_main_process():
+            vecs = [
+                np.asarray(index.regions(i)[f], dtype=np.float32)
+                for i in range(index.num_images)
+                for f in ("rpa_sum", "rpa_max")
+            ]
+            learned = RegionCompression.learn(
+                np.concatenate(vecs), r.REGION_NUM_PROPOSALS, r.REGION_PCA_DIM, dtype
+            )
+            atomic_write(path, learned.save)
+            logger.info(f"learned the region PCA ({r.REGION_PCA_DIM} dims) on {source}")
+        comm.synchronize()
+    learned = RegionCompression.load(path)
+    return RegionCompression(
+        r.REGION_NUM_PROPOSALS, r.REGION_PCA_DIM, dtype,
+        mean=learned.mean, components=learned.components,
+    )
+
+
+def prepare_compressed_index(
+    compression: Optional[RegionCompression], schema: IndexSchema, manifest: dict, index_dir: str
+):
+    """What ``build_index`` changes for a compressed index, before opening its writer.
+
+    Saves the compression beside the index (the searcher reads it from there) and returns the
+    schema and manifest to write with; each record then goes through
+    ``compression.compress_record(record, schema)`` (the *uncompressed* schema) before
+    ``writer.add``. With ``compression`` None, returns ``schema`` and ``manifest`` unchanged.
+
+    Returns:
+        tuple(IndexSchema, dict): the stored schema and the manifest (with
+        ``region_compression``, so resuming with another compression is refused).
+    """
+    if compression is None:
+        return schema, manifest
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    if comm.is_main_process():
+        atomic_write(Path(index_dir) / COMPRESSION_FILE, compression.save)
+    return compression.schema(schema), dict(manifest, region_compression=compression.describe())
 
 
 def available_stages(searcher: InstanceSearcher, stages: Sequence[str], num_query_classes: int):
@@ -418,3 +514,86 @@ def search_all(
         for s in stages:
             results[s].append(out[s])
     return results
+
+
+@dataclass
+class SearchRun:
+    """Everything one search of a dataset produced (main process only).
+
+    Attributes:
+        index: the database index that was searched.
+        queries: the query records, in ``<dataset>_query`` order.
+        results: {stage: [StageResult per query]}.
+        metadata: the dataset's metadata (protocol, ground truth, classes).
+    """
+
+    index: IndexReader
+    queries: List[dict]
+    results: Dict[str, List[StageResult]]
+    metadata: Any
+
+
+def index_options(cfg) -> dict:
+    """The ``RETRIEVAL.*`` indexing options as :func:`build_index` keyword arguments."""
+    r = cfg.RETRIEVAL
+    return dict(shard_size=r.SHARD_SIZE, dtype=r.INDEX_DTYPE, batch_size=r.BATCH_SIZE)
+
+
+def prepare_index(cfg, extractor: FeatureExtractor, dataset: str, work_dir: str, index_dir: str):
+    """Index ``dataset`` (once) into ``index_dir`` and load or learn the configured whitening.
+
+    Must run on every rank (indexing is shared between ranks).
+
+    Returns:
+        (index, whitening or None)
+    """
+    index = build_index(extractor, dataset, index_dir, **index_options(cfg))
+    whitening = load_or_learn_whitening(
+        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, work_dir,
+        dim=cfg.RETRIEVAL.WHITENING_DIM, **index_options(cfg),
+    )
+    return index, whitening
+
+
+def search_dataset(
+    cfg,
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    index_dir: str,
+    queries: Optional[List[dict]] = None,
+) -> Optional[SearchRun]:
+    """Index (once), extract the queries (cached in ``work_dir``) and run every applicable stage.
+
+    The one chain behind ``tools/retrieve.py`` and the trainer's retrieval evaluation. Must be
+    called on every rank; the search runs on the main process only.
+
+    Args:
+        queries: query records already extracted (e.g. by the trainer's evaluator); None
+            extracts them here.
+
+    Returns:
+        the :class:`SearchRun` on the main process, None on other ranks.
+    """
+    index, whitening = prepare_index(cfg, extractor, dataset, work_dir, index_dir)
+    if not comm.is_main_process():
+        return None
+    if queries is None:
+        queries = extract_queries(extractor, dataset, cache_dir=work_dir)
+    searcher = build_searcher(cfg, index, whitening)
+    meta = get_retrieval_metadata(dataset)
+    stages = available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
+    return SearchRun(index, queries, search_all(searcher, queries, stages), meta)
+
+
+def score_run(cfg, run: SearchRun) -> Optional[Dict[str, Dict[str, float]]]:
+    """``{stage: {metric: value}}`` of a search, or None (warned) without ground truth."""
+    db = get_dataset_dicts(run.metadata.db_dataset)
+    try:
+        return evaluate_stages(
+            run.results, run.metadata, db_positions(run.index, db),
+            loc_top_k=cfg.RETRIEVAL.LOC_TOP_K,
+        )
+    except NoGroundTruthError as e:
+        logger.warning(str(e))
+        return None
