@@ -86,9 +86,7 @@ def index_dir(cfg):
 
 
 def run_index(cfg, extractor):
-    return pipeline.prepare_index(
-        cfg, extractor, cfg.RETRIEVAL.DATASET, cfg.OUTPUT_DIR, index_dir(cfg)
-    )
+    return pipeline.prepare_index(cfg, extractor, cfg.RETRIEVAL.DATASET, index_dir(cfg))
 
 
 def run_search_all(cfg, extractor):

@@ -539,18 +539,21 @@ def index_options(cfg) -> dict:
     return dict(shard_size=r.SHARD_SIZE, dtype=r.INDEX_DTYPE, batch_size=r.BATCH_SIZE)
 
 
-def prepare_index(cfg, extractor: FeatureExtractor, dataset: str, work_dir: str, index_dir: str):
+def prepare_index(cfg, extractor: FeatureExtractor, dataset: str, index_dir: str):
     """Index ``dataset`` (once) into ``index_dir`` and load or learn the configured whitening.
 
+    The whitening (and the whitening dataset's index) live in ``index_dir``'s parent folder.
     Must run on every rank (indexing is shared between ranks).
 
     Returns:
         (index, whitening or None)
     """
     index = build_index(extractor, dataset, index_dir, **index_options(cfg))
+    # kept beside the index it goes with, so that runs sharing an index share its whitening
     whitening = load_or_learn_whitening(
-        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, work_dir,
-        dim=cfg.RETRIEVAL.WHITENING_DIM, **index_options(cfg),
+        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset,
+        os.path.dirname(os.path.abspath(index_dir)), dim=cfg.RETRIEVAL.WHITENING_DIM,
+        **index_options(cfg),
     )
     return index, whitening
 
@@ -575,7 +578,7 @@ def search_dataset(
     Returns:
         the :class:`SearchRun` on the main process, None on other ranks.
     """
-    index, whitening = prepare_index(cfg, extractor, dataset, work_dir, index_dir)
+    index, whitening = prepare_index(cfg, extractor, dataset, index_dir)
     if not comm.is_main_process():
         return None
     if queries is None:
