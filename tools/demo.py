@@ -65,9 +65,9 @@ DATA = {
 }
 SCHEDULE = {
     # generic pre-training, ft1, ft2 iterations
-    # sized for the ~15 minute budget on 2 CPU cores (measured: ~1.9 s per generic iteration of
-    # 4 images, ~1 s per ft1 and ~2.5 s per ft2 iteration of 2 images)
-    "full": dict(generic=150, ft1=100, ft2=100),
+    # sized for the ~15 minute budget on 2 CPU cores (measured: ~1.2 s per generic iteration of
+    # 4 images, ~0.4 s per ft1 and ~1 s per ft2 iteration of 2 images)
+    "full": dict(generic=150, ft1=300, ft2=150),
     "quick": dict(generic=4, ft1=3, ft2=3),
 }
 QUICK_OPTS = [
