@@ -2,6 +2,7 @@
 
 Call :func:`add_retrieval_config` on a fresh ``get_cfg()`` before ``merge_from_file``.
 """
+
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_retrieval_config"]
@@ -111,3 +112,32 @@ def add_retrieval_config(cfg):
     _C.RETRIEVAL.VIS_TOP_K = 10
     # Top-k results over which localisation (IoU with ground-truth boxes) is measured.
     _C.RETRIEVAL.LOC_TOP_K = 10
+
+    # ---------------------------------------------------------------- search at scale
+    # Filtering back-end: "faiss" (faiss-cpu / faiss GPU where installed) or "numpy" (ranking.py).
+    _C.RETRIEVAL.FILTER_BACKEND = "faiss"
+    # faiss index of the filtering vectors: "flat" (exact inner product), "ivfpq" or "hnsw"
+    # (approximate, for large collections; built once and saved in the index directory).
+    _C.RETRIEVAL.FAISS_INDEX = "flat"
+    # IVF-PQ: k-means cells (0 = about 4 sqrt(N)), PQ sub-quantisers of 8 bits (0 = largest of
+    # 64/32/16/8... dividing the dimension) and cells visited per query.
+    _C.RETRIEVAL.FAISS_NLIST = 0
+    _C.RETRIEVAL.FAISS_PQ_M = 0
+    _C.RETRIEVAL.FAISS_NPROBE = 16
+    # HNSW: graph links per node, and candidate list length per query (raised to the k asked).
+    _C.RETRIEVAL.FAISS_HNSW_M = 32
+    _C.RETRIEVAL.FAISS_EF_SEARCH = 128
+    # Filtering ranks only its best K images (0 = the whole database; the rest follow unscored
+    # at score -inf); must be >= TOP_N. Approximate faiss indexes score only these.
+    _C.RETRIEVAL.FILTER_TOP_K = 0
+    # Region-feature compression applied when indexing (see retrieval/compression.py):
+    # proposals kept per image, highest objectness first (0 = all NUM_PROPOSALS);
+    _C.RETRIEVAL.REGION_NUM_PROPOSALS = 0
+    # PCA dimension of the stored region vectors (0 = no PCA), learned on the database region
+    # vectors of REGION_PCA_DATASET ("" = WHITENING_DATASET; never the dataset searched);
+    _C.RETRIEVAL.REGION_PCA_DIM = 0
+    _C.RETRIEVAL.REGION_PCA_DATASET = ""
+    # storage of the region vectors: "int8" (unit vectors scaled to +-127 per proposal; 4x smaller
+    # than float32 for 0.01 mAP points on the synthetic benchmark), "float16", "float32", or ""
+    # (uncompressed, INDEX_DTYPE).
+    _C.RETRIEVAL.REGION_DTYPE = "int8"

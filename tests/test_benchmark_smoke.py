@@ -96,3 +96,35 @@ def test_search_quick(benchmark, capsys, tmp_path):
     per_image = 20 * (64 * 2 + 4 * 4 + 2 * 2) + 64 * 4 + 8
     assert ca["index_bytes_per_image"] == pytest.approx(per_image)
     assert [b["drawn_from_images"] for b in ca["by_span"]] == [10, 40]
+
+
+def test_scale_quick(benchmark, capsys, tmp_path):
+    out = _run(benchmark, capsys, ["scale", "--quick", "--output-dir", str(tmp_path)])
+    _check_machine_line(out)
+    for header in ("exact faiss flat (ms)", "recall@100 vs exact", "CA-SR N=10 x 20 proposals"):
+        assert header in out
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["db"] for r in data["latency"]] == [1000, 3000]  # the --quick sizes
+    assert {(r["db"], r["kind"]) for r in data["recall"]} == {
+        (n, k) for n in (1000, 3000) for k in ("ivfpq", "hnsw")
+    }
+    assert all(0.0 <= r["recall@100"] <= 1.0 for r in data["recall"])
+
+
+def test_compression_quick(benchmark, capsys, tmp_path):
+    out = _run(benchmark, capsys, ["compression", "--quick", "--output-dir", str(tmp_path)])
+    _check_machine_line(out)
+    rows = json.loads((tmp_path / "compression.json").read_text())["results"]
+    assert [r["option"] for r in rows][0] == "float32 (reference)"
+    ref, int8 = rows[0], rows[1]
+    # int8 codes: 1 byte per value instead of 4, for both RPA fields
+    assert int8["rpa_bytes"] == pytest.approx(ref["rpa_bytes"] / 4)
+    assert ref["ca_sr_delta"] == 0.0
+
+
+def test_limits_quick(benchmark, capsys, tmp_path):
+    out = _run(benchmark, capsys, ["limits", "--quick", "--output-dir", str(tmp_path)])
+    _check_machine_line(out)
+    res = json.loads((tmp_path / "limits.json").read_text())["results"]
+    assert res["search_bytes"] == 2000 * 1280 * 4  # the --quick exact-search database
+    assert res["sgemm_gflops"] > 0 and res["copy_gbs"] > 0 and res["backbone_gflop_per_image"] > 0

@@ -831,6 +831,482 @@ def cmd_search(args) -> dict:
     return data
 
 
+# ---------------------------------------------------------------------------------------------
+# scale: per-stage latency vs database size, exact vs approximate filtering, CA-SR before/after
+# ---------------------------------------------------------------------------------------------
+def _clustered_unit(rng, n, dim, clusters=1000, noise=0.5, block=65536):
+    """(n, dim) float32 unit rows drawn around ``clusters`` random centres: image descriptors
+    cluster (by scene, object), and approximate indexes are built for that; uniform random
+    vectors in high dimension have no near neighbours and are a worst case."""
+    centres = _random_unit(rng, clusters, dim)
+    out = np.empty((n, dim), dtype=np.float32)
+    for s in range(0, n, block):
+        m = min(block, n - s)
+        x = centres[rng.integers(0, clusters, m)] + noise * _random_unit(rng, m, dim)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[s : s + m] = x
+    return out
+
+
+def _ca_sr_per_image(q, order, acc, top_n):
+    """CA-SR as the project ran it before the vectorised version: one float16 -> float32
+    conversion, normalisation and product per image (kept here as the 'before' reference)."""
+    from retrieval_ext.retrieval.normalization import l2_normalize
+
+    best = np.full(top_n, -np.inf, np.float32)
+    for j, i in enumerate(order[:top_n]):
+        v = l2_normalize(acc(int(i)))
+        best[j] = (v @ q).max()
+    return best
+
+
+def _median_ms(fn, reps):
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(ts))
+
+
+def cmd_scale(args) -> dict:
+    from retrieval_ext.retrieval.faiss_search import FaissFilter, FaissParams, recall_at_k
+    from retrieval_ext.retrieval.index_store import IndexReader
+    from retrieval_ext.retrieval.query_expansion import average_query_expansion
+    from retrieval_ext.retrieval.ranking import rank
+    from retrieval_ext.retrieval.reranking import class_agnostic_rerank, class_specific_rerank
+
+    if args.quick:
+        sizes, args.dim, args.dim_1m, args.queries = [1000, 3000], 32, 16, 3
+        args.num_proposals, args.index_images, args.top_n = 20, 40, 10
+    else:
+        sizes = [s for s in (1000, 10000, 100000, 1000000) if s <= args.max_db]
+    info = machine_info()
+    print_machine(info)
+    rng = np.random.default_rng(args.seed)
+    rows, recalls = [], []
+    for n in sizes:
+        dim = args.dim_1m if n >= 1000000 else args.dim
+        t0 = time.perf_counter()
+        db = _clustered_unit(rng, n, dim, clusters=max(10, n // 100))
+        queries = db[rng.choice(n, args.queries, replace=False)] + 0.1 * _random_unit(
+            rng, args.queries, dim
+        )
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        # storage as the 1M row needs it (and as float16 indexes hold IPA when asked)
+        stored = db.astype(np.float16) if n >= 1000000 else db
+        row = {"db": n, "dim": dim, "storage": str(stored.dtype)}
+        rank(queries[0], stored, top_k=100)  # warm-up: first-call allocations, page faults
+        row["numpy_ms"] = float(np.median(_time_rank(rank, queries, stored, top_k=100)) * 1000)
+        flat = FaissFilter(db, FaissParams("flat", use_gpu=False))
+        exact_ids = np.stack([flat.search(q, 100)[0] for q in queries])
+        row["faiss_flat_ms"] = float(
+            np.median([_median_ms(lambda q=q: flat.search(q, 100), 1) for q in queries])
+        )
+        row["qe_ms"] = float(
+            np.median(
+                [
+                    _median_ms(
+                        lambda q=q: flat.search(
+                            average_query_expansion(q, db, exact_ids[0], 5), 100
+                        ),
+                        1,
+                    )
+                    for q in queries
+                ]
+            )
+        )
+        kinds = [] if n >= 1000000 and not args.quick else ["ivfpq"]
+        if n <= args.max_hnsw:
+            kinds.append("hnsw")
+        for kind in kinds:
+            t = time.perf_counter()
+            approx = FaissFilter(db, FaissParams(kind, nprobe=args.nprobe, use_gpu=False))
+            build_s = time.perf_counter() - t
+            ids = np.stack([approx.search(q, 100)[0] for q in queries])
+            ms = float(
+                np.median([_median_ms(lambda q=q: approx.search(q, 100), 1) for q in queries])
+            )
+            rec = recall_at_k(ids, exact_ids, min(100, n))
+            recalls.append(
+                {
+                    "db": n,
+                    "kind": kind,
+                    "recall@100": rec,
+                    "ms": ms,
+                    "build_s": build_s,
+                    "params": approx.params.__dict__,
+                }
+            )
+            row[f"{kind}_ms"] = ms
+        row["gen_s"] = time.perf_counter() - t0
+        rows.append(row)
+        print(f"  db {n}: done", flush=True)
+
+    # reranking: independent of the database size, timed on an mmap index
+    reps = 1 if args.quick else 3
+    with tempfile.TemporaryDirectory(prefix="retrieval_scale_") as tmp:
+        _write_synthetic_index(tmp, rng, args.index_images, args.num_proposals, args.dim, "float16")
+        index = IndexReader(tmp)
+        acc, boxes = index.region_accessor("rpa_max"), index.region_accessor("boxes")
+        cls = index.region_accessor("scores")
+        q = _random_unit(rng, 1, args.dim)[0]
+        before, after, cs = [], [], []
+        for _ in range(args.queries):
+            order = rng.permutation(args.index_images)
+            sc = np.zeros(order.size, np.float32)
+            for i in order[: args.top_n]:  # page the rows in: both sides then read warm pages
+                np.asarray(acc(int(i))).sum()
+            before.append(_median_ms(lambda: _ca_sr_per_image(q, order, acc, args.top_n), reps))
+            after.append(
+                _median_ms(
+                    lambda: class_agnostic_rerank(q, order, sc, acc, boxes, args.top_n), reps
+                )
+            )
+            cs.append(
+                _median_ms(
+                    lambda: class_specific_rerank(0, order, sc, cls, boxes, args.top_n), reps
+                )
+            )
+            new = class_agnostic_rerank(q, order, sc, acc, boxes, args.top_n)
+            old = _ca_sr_per_image(q, order, acc, args.top_n)
+            agree = np.allclose(np.sort(new.scores[: args.top_n]), np.sort(old), atol=1e-5)
+            if not agree:
+                raise SystemExit("vectorised CA-SR disagrees with the per-image reference")
+        # compressed region vectors (compression.py): same N x proposals, fewer bytes / dims;
+        # in memory, as warm mmap pages are
+        variants = {}
+        k = args.num_proposals
+        for label, dim, dtype, unit in (
+            ("float16, 1280 dims (vectorised)", args.dim, "float16", False),
+            ("int8, 1280 dims", args.dim, "int8", False),
+            ("PCA 256, float16", min(256, args.dim), "float16", True),
+            ("PCA 128, int8", min(128, args.dim), "int8", False),
+        ):
+            vecs = _random_unit(rng, args.top_n * k, dim)
+            vecs = (vecs * 127).astype(np.int8) if dtype == "int8" else vecs.astype(np.float16)
+            parts = [vecs[j * k : (j + 1) * k] for j in range(args.top_n)]
+            qd = _random_unit(rng, 1, dim)[0]
+            order = np.arange(args.top_n)
+            sc = np.zeros(args.top_n, np.float32)
+            variants[label] = float(
+                np.median(
+                    [
+                        _median_ms(
+                            lambda: class_agnostic_rerank(
+                                qd, order, sc, parts, None, args.top_n, normalized=unit
+                            ),
+                            reps,
+                        )
+                        for _ in range(args.queries)
+                    ]
+                )
+            )
+    rerank = {
+        "variants_ms": variants,
+        "ca_sr_before_ms": float(np.median(before)),
+        "ca_sr_after_ms": float(np.median(after)),
+        "cs_sr_ms": float(np.median(cs)),
+        "top_n": args.top_n,
+        "proposals": args.num_proposals,
+        "dim": args.dim,
+    }
+    table = [
+        [
+            f"{r['db']:,}",
+            r["dim"],
+            r["storage"],
+            _fmt(r["numpy_ms"]),
+            _fmt(r["faiss_flat_ms"]),
+            _fmt(r.get("ivfpq_ms")) if "ivfpq_ms" in r else "-",
+            _fmt(r.get("hnsw_ms")) if "hnsw_ms" in r else "-",
+            _fmt(r["qe_ms"]),
+            _fmt(rerank["ca_sr_after_ms"]),
+            _fmt(rerank["cs_sr_ms"]),
+        ]
+        for r in rows
+    ]
+    print_table(
+        table,
+        [
+            "db images",
+            "dim",
+            "storage",
+            "exact numpy top100 (ms)",
+            "exact faiss flat (ms)",
+            "IVF-PQ (ms)",
+            "HNSW (ms)",
+            "QE + refilter (ms)",
+            "CA-SR N (ms)",
+            "CS-SR N (ms)",
+        ],
+        title="per-query latency of each stage (medians)",
+    )
+    print_table(
+        [
+            [
+                f"{r['db']:,}",
+                r["kind"],
+                f"{r['recall@100']:.3f}",
+                _fmt(r["ms"]),
+                _fmt(r["build_s"], 1),
+                json.dumps(
+                    {k: r["params"][k] for k in ("nlist", "pq_m", "nprobe", "hnsw_m", "ef_search")}
+                ),
+            ]
+            for r in recalls
+        ],
+        ["db images", "index", "recall@100 vs exact", "ms/query", "build (s)", "params"],
+        title="approximate filtering vs exact",
+    )
+    ratio = rerank["ca_sr_before_ms"] / max(rerank["ca_sr_after_ms"], 1e-9)
+    print(
+        f"CA-SR N={args.top_n} x {args.num_proposals} proposals x {args.dim} dims (float16 mmap): "
+        f"per-image loop {rerank['ca_sr_before_ms']:.2f} ms -> vectorised "
+        f"{rerank['ca_sr_after_ms']:.2f} ms ({ratio:.2f}x)"
+    )
+    print_table(
+        [[k, _fmt(v)] for k, v in variants.items()],
+        [f"CA-SR N={args.top_n} x {args.num_proposals} proposals, in memory", "ms/query"],
+        title="CA-SR cost per region-vector storage",
+    )
+    data = {
+        "machine": info,
+        "args": _jsonable_args(args),
+        "latency": rows,
+        "recall": recalls,
+        "rerank": rerank,
+    }
+    write_json(args.output_dir, "scale", data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# compression: bytes per image and mAP of each region-feature compression option
+# ---------------------------------------------------------------------------------------------
+COMPRESSION_OPTIONS = [
+    # (name, num_proposals, pca_dim, dtype)
+    ("float32 (reference)", 0, 0, "float32"),
+    ("float16", 0, 0, "float16"),
+    ("int8", 0, 0, "int8"),
+    ("200 proposals, int8", 200, 0, "int8"),
+    ("100 proposals, float16", 100, 0, "float16"),
+    ("PCA 256, float16", 0, 256, "float16"),
+    ("PCA 256, int8", 0, 256, "int8"),
+    ("PCA 128, int8", 0, 128, "int8"),
+    ("100 proposals, PCA 128, int8", 100, 128, "int8"),
+]
+
+
+def cmd_compression(args) -> dict:
+    import torch
+
+    from retrieval_ext.data import register_custom_dataset
+    from retrieval_ext.data.datasets import get_retrieval_metadata, unregister_retrieval_dataset
+    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
+    from retrieval_ext.evaluation.evaluator import db_positions, evaluate_stages
+    from retrieval_ext.retrieval import pipeline
+    from retrieval_ext.retrieval.compression import RegionCompression, compress_index
+    from retrieval_ext.retrieval.extractor import FeatureExtractor
+    from retrieval_ext.retrieval.search import InstanceSearcher
+
+    options = COMPRESSION_OPTIONS
+    if args.quick:
+        args.num_db, args.num_instances, args.queries_per_instance = 8, 2, 1
+        args.short_side, args.pca_db = 96, 6
+        options = [
+            ("float32 (reference)", 0, 0, "float32"),
+            ("int8", 0, 0, "int8"),
+            ("4 proposals, PCA 8, int8", 4, 8, "int8"),
+        ]
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print_machine(info)
+    config = _config_file("EfficientNet-Lite0", args.quick)
+    opts = ["MODEL.DEVICE", "cpu", "RETRIEVAL.INDEX_DTYPE", "float32"]
+    if not args.quick and args.size:
+        opts += ["INPUT.MIN_SIZE_TEST", args.size, "INPUT.MAX_SIZE_TEST", args.size * 2]
+    cfg = _cfg(config, opts)
+    name, other = f"bench_comp_{os.getpid()}", f"bench_comp_pca_{os.getpid()}"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="retrieval_comp_") as tmp:
+        for ds, n, seed in ((name, args.num_db, args.seed), (other, args.pca_db, args.seed + 101)):
+            generate_synthetic_benchmark(
+                os.path.join(tmp, ds),
+                num_instances=args.num_instances,
+                queries_per_instance=args.queries_per_instance,
+                num_db=n,
+                short_side=args.short_side,
+                seed=seed,
+            )
+            register_custom_dataset(ds, os.path.join(tmp, ds))
+        try:
+            extractor = FeatureExtractor(cfg, model=_build_model(cfg))
+            t = time.perf_counter()
+            ref = pipeline.build_index(
+                extractor, name, os.path.join(tmp, "index"), dtype="float32", show_progress=False
+            )
+            pca_index = pipeline.build_index(
+                extractor,
+                other,
+                os.path.join(tmp, "index_pca"),
+                dtype="float32",
+                show_progress=False,
+            )
+            index_s = time.perf_counter() - t
+            queries = pipeline.extract_queries(extractor, name)
+            pca_vecs = np.concatenate(
+                [
+                    np.asarray(pca_index.regions(i)[f])
+                    for i in range(pca_index.num_images)
+                    for f in ("rpa_sum", "rpa_max")
+                ]
+            )
+            meta = get_retrieval_metadata(name)
+            positions = db_positions(ref, pipeline.get_dataset_dicts(f"{name}_db"))
+            ref_map = None
+            for label, props, dim, dtype in options:
+                if dtype == "float32" and not props and not dim:
+                    index = ref
+                else:
+                    comp = RegionCompression.learn(pca_vecs, props, dim, dtype)
+                    index = compress_index(ref, os.path.join(tmp, f"c{len(rows)}"), comp)
+                searcher = InstanceSearcher(index, top_n=min(100, ref.num_images))
+                results = {"filtering": [], "ca_sr": []}
+                for q in queries:
+                    out = searcher.search(q, ["filtering", "ca_sr"])
+                    for s in results:
+                        results[s].append(out[s])
+                scores = evaluate_stages(results, meta, positions)
+                nb = index.nbytes_per_image()
+                region = sum(v for k, v in nb.items() if k.startswith("rpa_"))
+                row = {
+                    "option": label,
+                    "bytes_per_image": nb["total"],
+                    "rpa_bytes": region,
+                    "filtering_mAP": scores["filtering"]["mAP"],
+                    "ca_sr_mAP": scores["ca_sr"]["mAP"],
+                }
+                ref_map = ref_map or row
+                row["ca_sr_delta"] = row["ca_sr_mAP"] - ref_map["ca_sr_mAP"]
+                rows.append(row)
+                print(f"  {label}: ca_sr mAP {100 * row['ca_sr_mAP']:.2f}", flush=True)
+        finally:
+            for ds in (name, other):
+                unregister_retrieval_dataset(ds)
+    print_table(
+        [
+            [
+                r["option"],
+                f"{r['bytes_per_image']:,.0f}",
+                f"{r['rpa_bytes']:,.0f}",
+                f"{ref_map['bytes_per_image'] / r['bytes_per_image']:.1f}x",
+                f"{100 * r['filtering_mAP']:.2f}",
+                f"{100 * r['ca_sr_mAP']:.2f}",
+                f"{100 * r['ca_sr_delta']:+.3f}",
+            ]
+            for r in rows
+        ],
+        [
+            "region features",
+            "index bytes/image",
+            "RPA bytes/image",
+            "smaller than float32",
+            "filtering mAP (%)",
+            "CA-SR mAP (%)",
+            "CA-SR vs float32 (points)",
+        ],
+        title=f"compression on the synthetic benchmark ({args.num_db} db images, "
+        f"{len(queries)} queries; PCA learned on {args.pca_db} other images)",
+    )
+    print(f"indexing: {index_s:.1f} s for {args.num_db + args.pca_db} images")
+    data = {"machine": info, "args": _jsonable_args(args), "results": rows, "index_s": index_s}
+    write_json(args.output_dir, "compression", data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# limits: the CPU's sgemm rate and memory bandwidth, and how close extraction / search come
+# ---------------------------------------------------------------------------------------------
+def cmd_limits(args) -> dict:
+    import torch
+    from fvcore.nn import FlopCountAnalysis
+
+    from retrieval_ext.retrieval.faiss_search import FaissFilter, FaissParams
+
+    if args.quick:
+        args.gemm, args.copy_mb, args.search_db, args.size, args.repeats = 256, 16, 2000, 96, 1
+    torch.set_num_threads(args.threads)
+    info = machine_info()
+    print_machine(info)
+    n = args.gemm
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    gemm_s = _median_ms(lambda: a @ a, args.repeats + 2) / 1000
+    gflops = 2 * n**3 / gemm_s / 1e9
+    x = np.ones(args.copy_mb * (1 << 20) // 4, np.float32)
+    y = np.empty_like(x)
+    copy_s = _median_ms(lambda: np.copyto(y, x), args.repeats + 2) / 1000
+    sum_s = _median_ms(lambda: x.sum(), args.repeats + 2) / 1000
+    copy_gbs, sum_gbs = 2 * x.nbytes / copy_s / 1e9, x.nbytes / sum_s / 1e9
+    x = y = None  # free 2 x copy_mb before the model is built
+
+    cfg = _cfg(_config_file("EfficientNet-Lite0", args.quick), ["MODEL.DEVICE", "cpu"])
+    model = _build_model(cfg)
+    h, w = args.size, args.size * 4 // 3
+    img = torch.rand(1, 3, h, w) * 255
+    with torch.no_grad():
+        flops = FlopCountAnalysis(model.backbone, (img,))
+        flops.unsupported_ops_warnings(False)
+        flops.uncalled_modules_warnings(False)
+        bb_flops = 2 * flops.total()  # fvcore counts one multiply-add as one flop
+        model.backbone(img)
+        bb_s = _median_ms(lambda: model.backbone(img), args.repeats) / 1000
+
+    rng = np.random.default_rng(1)
+    db = _random_unit(rng, args.search_db, 1280)
+    flat = FaissFilter(db, FaissParams("flat", use_gpu=False))
+    q = db[0]
+    search_s = _median_ms(lambda: flat.search(q, 100), args.repeats + 4) / 1000
+    scanned = db.nbytes
+    res = {
+        "sgemm_gflops": gflops,
+        "copy_gbs": copy_gbs,
+        "sum_gbs": sum_gbs,
+        "backbone_gflop_per_image": bb_flops / 1e9,
+        "backbone_s": bb_s,
+        "backbone_gflops": bb_flops / bb_s / 1e9,
+        "search_db": args.search_db,
+        "search_bytes": scanned,
+        "search_s": search_s,
+        "search_gbs": scanned / search_s / 1e9,
+        "image": [h, w],
+    }
+    print_table(
+        [
+            ["sgemm (numpy, %dx%d)" % (n, n), f"{gflops:.1f} GFLOP/s", "", ""],
+            ["memory: copy (read + write)", f"{copy_gbs:.1f} GB/s", "", ""],
+            ["memory: sum (read)", f"{sum_gbs:.1f} GB/s", "", ""],
+            [
+                f"EfficientNet-Lite0 backbone {h}x{w}",
+                f"{res['backbone_gflops']:.1f} GFLOP/s",
+                f"{bb_flops / 1e9:.2f} GFLOP in {1000 * bb_s:.0f} ms",
+                f"{100 * res['backbone_gflops'] / gflops:.0f}% of sgemm",
+            ],
+            [
+                f"exact search, {args.search_db:,} x 1280 float32",
+                f"{res['search_gbs']:.1f} GB/s",
+                f"{scanned / 1e6:.0f} MB in {1000 * search_s:.1f} ms",
+                f"{100 * res['search_gbs'] / sum_gbs:.0f}% of sum bandwidth",
+            ],
+        ],
+        ["what", "rate", "work", "vs the limit"],
+        title="machine limits and how close the pipeline comes (medians, same run)",
+    )
+    data = {"machine": info, "args": _jsonable_args(args), "results": res}
+    write_json(args.output_dir, "limits", data)
+    return data
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -937,6 +1413,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--queries", type=int, default=20, help="timed queries per measurement")
     p.set_defaults(func=cmd_search)
+
+    p = common(sub.add_parser("scale", help="stage latency vs db size; faiss exact vs approx"))
+    p.add_argument("--max-db", type=int, default=1000000, help="largest database size")
+    p.add_argument("--dim", type=int, default=1280, help="vector dimension up to 100k")
+    p.add_argument("--dim-1m", type=int, default=256, help="dimension of the 1M row (memory)")
+    p.add_argument("--max-hnsw", type=int, default=10000, help="largest db given an HNSW index")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
+    p.add_argument("--top-n", type=int, default=100, help="N reranked")
+    p.add_argument("--num-proposals", type=int, default=300)
+    p.add_argument("--index-images", type=int, default=300, help="images in the rerank index")
+    p.add_argument("--queries", type=int, default=10)
+    p.set_defaults(func=cmd_scale)
+
+    p = common(sub.add_parser("compression", help="index bytes/image and mAP per compression"))
+    p.add_argument("--num-db", type=int, default=100)
+    p.add_argument("--pca-db", type=int, default=40, help="images of the PCA-learning dataset")
+    p.add_argument("--num-instances", type=int, default=5)
+    p.add_argument("--queries-per-instance", type=int, default=3)
+    p.add_argument("--short-side", type=int, default=256)
+    p.add_argument("--size", type=int, default=256, help="network input shorter side")
+    p.add_argument("--threads", type=int, default=_default_threads(), help="torch threads")
+    p.set_defaults(func=cmd_compression)
+
+    p = common(sub.add_parser("limits", help="sgemm GFLOP/s, memory GB/s, and how close we come"))
+    p.add_argument("--gemm", type=int, default=2048, help="square sgemm size")
+    p.add_argument("--copy-mb", type=int, default=512, help="array size of the bandwidth test")
+    p.add_argument("--search-db", type=int, default=100000, help="exact-search database rows")
+    p.add_argument("--size", type=int, default=600, help="backbone input shorter side")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=_default_threads(), help="torch threads")
+    p.set_defaults(func=cmd_limits)
     return parser
 
 

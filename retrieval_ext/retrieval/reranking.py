@@ -13,11 +13,17 @@ be float16; each one is upcast to float32 when read. All boxes are XYXY in origi
 passed through unchanged.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .normalization import l2_normalize
+
+try:
+    import torch as _torch
+except ImportError:  # pragma: no cover - numpy converts instead
+    _torch = None
 
 __all__ = ["RerankResult", "class_agnostic_rerank", "class_specific_rerank", "make_accessor"]
 
@@ -105,9 +111,13 @@ def _assemble(order, scores, n, block_scores, block_boxes, block_best):
 
 
 def class_agnostic_rerank(
-    query_region, order, scores, region_vectors, region_boxes=None, top_n=100
+    query_region, order, scores, region_vectors, region_boxes=None, top_n=100, normalized=False
 ):
     """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
+
+    The top images' region vectors are read in their stored dtype (memory-mapped slices) and
+    converted, normalised and multiplied a block of images at a time: the cost is that of the N
+    images' bytes, whatever the database size.
 
     Args:
         query_region (array-like): (D,) query region vector (pooled from the query box on the query
@@ -120,6 +130,9 @@ def class_agnostic_rerank(
         region_boxes (sequence, callable or None): database index -> (K_i, 4) proposal boxes, XYXY
             in original-image pixels. None: located boxes are NaN.
         top_n (int): number of images reranked (the paper uses 100).
+        normalized (bool): the stored vectors are already unit-norm (compressed indexes, see
+            :mod:`~retrieval_ext.retrieval.compression`): skip their norms. Scale-free codes
+            (int8) are NOT unit-norm and need False.
 
     Returns:
         RerankResult: block scores are cosine similarities in [-1, 1]; images without proposals
@@ -131,23 +144,92 @@ def class_agnostic_rerank(
     block_scores = np.full(n, -np.inf, dtype=np.float32)
     block_boxes = np.full((n, 4), np.nan, dtype=np.float32)
     block_best = np.full(n, -1, dtype=np.int64)
+    parts, counts = [], np.zeros(n, dtype=np.int64)
     for j, i in enumerate(order[:n]):
-        vecs = _read(vec_acc, i, 1, "region_vectors")
-        if vecs is None or vecs.shape[0] == 0:
+        arr = vec_acc(int(i))
+        if arr is None:
             continue
-        if vecs.shape[1] != q.size:
-            raise ValueError(f"region_vectors[{i}] has dim {vecs.shape[1]}, query has {q.size}")
-        sims = l2_normalize(vecs) @ q
-        b = int(np.argmax(sims))
-        block_scores[j], block_best[j] = sims[b], b
-        boxes = _read(box_acc, i, 1, "region_boxes")
-        if boxes is not None:
-            if boxes.shape != (vecs.shape[0], 4):
-                raise ValueError(
-                    f"region_boxes[{i}] has shape {boxes.shape}, expected ({vecs.shape[0]}, 4)"
-                )
-            block_boxes[j] = boxes[b]
+        arr = np.asarray(arr)
+        if arr.ndim != 2:
+            raise ValueError(f"region_vectors[{i}] must be 2-D, got shape {arr.shape}")
+        if arr.shape[0] and arr.shape[1] != q.size:
+            raise ValueError(f"region_vectors[{i}] has dim {arr.shape[1]}, query has {q.size}")
+        counts[j] = arr.shape[0]
+        if arr.shape[0]:
+            parts.append(arr)
+    if parts:
+        sims = _cosines(parts, q, normalized)
+        ends = np.cumsum(counts)
+        for j in np.flatnonzero(counts):
+            seg = sims[ends[j] - counts[j] : ends[j]]
+            b = int(np.argmax(seg))
+            block_scores[j], block_best[j] = seg[b], b
+            boxes = _read(box_acc, order[j], 1, "region_boxes")
+            if boxes is not None:
+                if boxes.shape != (counts[j], 4):
+                    raise ValueError(
+                        f"region_boxes[{order[j]}] has shape {boxes.shape}, expected "
+                        f"({counts[j]}, 4)"
+                    )
+                block_boxes[j] = boxes[b]
     return _assemble(order, scores, n, block_scores, block_boxes, block_best)
+
+
+# Rows converted to float32 at once in _cosines: 1024 x 1280 float32 = 5 MB, a buffer reused
+# block after block (a float32 copy of the whole gather costs page faults and cache misses).
+_COSINE_BLOCK_ROWS = 1024
+
+
+def _to_float32(dst, src):
+    """Convert ``src`` into the float32 buffer ``dst`` (same shape).
+
+    torch's float16 -> float32 copy is vectorised (about 10x numpy's ``copyto`` on the 2-core
+    machine of BENCHMARKS.md); numpy is the fallback where torch is not importable.
+    """
+    if src.dtype == np.float16 and _torch is not None:
+        with warnings.catch_warnings():
+            # memory-mapped index arrays are read-only; torch only reads this one
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            _torch.from_numpy(dst).copy_(_torch.from_numpy(np.ascontiguousarray(src)))
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _cosines(parts, q, normalized=False):
+    """Cosine of each row of the arrays ``parts`` (each (K_i, D), any dtype) with the unit
+    vector ``q`` (D,), concatenated in order.
+
+    Rows are converted into one reused float32 buffer, several images at a time, and scored with
+    einsum: numpy's single-threaded SIMD loops beat a multithreaded BLAS matrix-vector product
+    at this size on a loaded machine (BENCHMARKS.md, section 4). Rows of norm 0 give 0.
+
+    Returns:
+        float32 (sum K_i,)
+    """
+    total = sum(p.shape[0] for p in parts)
+    out = np.empty(total, dtype=np.float32)
+    buf = np.empty((min(_COSINE_BLOCK_ROWS, total), q.size), np.float32)
+    done = fill = 0
+
+    def flush():
+        v = buf[:fill]
+        dots = np.einsum("ij,j->i", v, q)
+        if not normalized:
+            norms = np.sqrt(np.einsum("ij,ij->i", v, v))
+            dots = dots / np.maximum(norms, np.float32(1e-12))
+        out[done : done + fill] = dots
+
+    for part in parts:
+        for a in range(0, part.shape[0], buf.shape[0]):
+            src = part[a : a + buf.shape[0]]
+            if fill + src.shape[0] > buf.shape[0]:
+                flush()
+                done, fill = done + fill, 0
+            _to_float32(buf[fill : fill + src.shape[0]], src)
+            fill += src.shape[0]
+    if fill:
+        flush()
+    return out
 
 
 def class_specific_rerank(class_id, order, scores, class_scores, region_boxes=None, top_n=100):

@@ -17,6 +17,7 @@ Every stage reads stored features only; the network never runs here. Stage names
 - ``cs_sr_qe``: the global form: the query IPA averaged with the IPA of the CS-SR top M,
   filtering again, and CS-SR of the new top N.
 """
+
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from .compression import RegionCompression, load_region_compression
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
     average_query_expansion,
@@ -83,6 +85,17 @@ class InstanceSearcher:
         top_n: images reranked (the paper's N).
         qe_m: images averaged into an expanded query (the paper's M).
         qe_rerank_mode: "region" or "global" form of ``ca_sr_qe`` (see the module docstring).
+        filter_backend: "numpy" (:func:`~retrieval_ext.retrieval.ranking.rank`) or "faiss"
+            (:mod:`~retrieval_ext.retrieval.faiss_search`).
+        faiss_params: a :class:`~retrieval_ext.retrieval.faiss_search.FaissParams` for the faiss
+            back-end (default: exact flat search); approximate indexes are saved in the index's
+            directory.
+        filter_top_k: 0 = filtering scores the whole database; > 0 = only the best k (with an
+            approximate faiss index, the only ones it scores) are ranked, the other images
+            follow in index order with score -inf. Must be >= ``top_n`` to rerank N images.
+        region_compression: how the index stores region vectors; "auto" (default) reads the
+            compression saved beside the index (none: plain RPA). Query region vectors are
+            projected with it.
     """
 
     def __init__(
@@ -95,12 +108,17 @@ class InstanceSearcher:
         top_n: int = 100,
         qe_m: int = 5,
         qe_rerank_mode: str = "region",
+        filter_backend: str = "numpy",
+        faiss_params=None,
+        filter_top_k: int = 0,
+        region_compression="auto",
     ):
         for name, value, allowed in [
             ("filter_pooling", filter_pooling, ("sum", "max")),
             ("rerank_pooling", rerank_pooling, ("sum", "max")),
             ("query_region", query_region, ("crop", "rpa")),
             ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
+            ("filter_backend", filter_backend, ("numpy", "faiss")),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -115,11 +133,29 @@ class InstanceSearcher:
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
+        self.filter_top_k = int(filter_top_k)
+        self._faiss = None
+        if filter_backend == "faiss":
+            from .faiss_search import FaissFilter, FaissParams
+
+            params = faiss_params if faiss_params is not None else FaissParams()
+            root = getattr(index, "root", None)
+            self._faiss = (
+                FaissFilter.load_or_build(self.db, params, root)
+                if root is not None
+                else FaissFilter(self.db, params)
+            )
+        if region_compression == "auto":
+            root = getattr(index, "root", None)
+            region_compression = load_region_compression(root) if root is not None else None
+        self.region_compression: Optional[RegionCompression] = region_compression
         self._rpa = index.region_accessor(f"rpa_{rerank_pooling}")
         self._boxes = index.region_accessor("boxes")
         self._scores = index.region_accessor("scores")
         fields = set(index.schema.names)
-        self._class_boxes = index.region_accessor("class_boxes") if "class_boxes" in fields else None
+        self._class_boxes = (
+            index.region_accessor("class_boxes") if "class_boxes" in fields else None
+        )
         self._lock = threading.Lock()
         self._num_classes = None
 
@@ -143,6 +179,8 @@ class InstanceSearcher:
     def query_region_vector(self, query: dict) -> np.ndarray:
         """The query box's normalised region vector for CA-SR, (C,)."""
         v = np.asarray(query[f"{self.query_region}_{self.rerank_pooling}"], dtype=np.float32)
+        if self.region_compression is not None:
+            return self.region_compression.project_query(v)
         return l2_normalize(v)
 
     def search(
@@ -186,6 +224,14 @@ class InstanceSearcher:
 
     # -- stages ----------------------------------------------------------------------------------
     def _filter(self, qv):
+        if self._faiss is not None:
+            return self._faiss.rank(qv, self.filter_top_k)
+        if self.filter_top_k and self.filter_top_k < self.db.shape[0]:
+            order, scores = rank(qv, self.db, top_k=self.filter_top_k)
+            rest = np.setdiff1d(np.arange(self.db.shape[0], dtype=np.int64), order)
+            return np.concatenate([order, rest]), np.concatenate(
+                [scores, np.full(rest.size, -np.inf, np.float32)]
+            )
         order, scores = rank(qv[None], self.db)
         return order[0], scores[0]
 
@@ -193,7 +239,11 @@ class InstanceSearcher:
         return average_query_expansion(qv, self.db, order, self.qe_m)
 
     def _ca(self, region, order, scores):
-        return class_agnostic_rerank(region, order, scores, self._rpa, self._boxes, self.top_n)
+        # compressed float vectors are stored unit-norm; int8 codes are scaled per vector
+        unit = self.region_compression is not None and self.region_compression.dtype != "int8"
+        return class_agnostic_rerank(
+            region, order, scores, self._rpa, self._boxes, self.top_n, normalized=unit
+        )
 
     def _cs(self, class_id, order, scores):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes

@@ -1,0 +1,295 @@
+"""Compact region features: fewer proposals, PCA learned on another dataset, float16 / int8 codes.
+
+Region vectors (RPA, K proposals x C floats per image) are most of an index's bytes. A
+:class:`RegionCompression` shrinks them in three independent ways:
+
+- ``num_proposals``: keep only the K' proposals of highest objectness (0 = keep all);
+- ``pca_dim``: project the L2-normalised vectors on the top ``pca_dim`` principal components
+  learned on *another* dataset's region vectors (0 = no projection);
+- ``dtype``: store the L2-normalised (projected) vectors as ``float32``, ``float16`` or ``int8``
+  (each vector scaled so that its largest magnitude is 127, then rounded).
+
+Spatial reranking only needs cosine similarities, which do not change when a vector is scaled, so
+stored vectors need no per-vector scale: the reranker L2-normalises what it reads. The query's
+region vector goes through the same projection (:meth:`RegionCompression.project_query`).
+Stored compressed vectors are unit-norm up to rounding, so a reranker may skip re-normalising
+them (``normalized=True`` in :func:`~retrieval_ext.retrieval.reranking.class_agnostic_rerank`).
+
+Pure numpy, no detectron2: the math is tested against a hand-written PCA and quantiser.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+from .index_store import FieldSpec, IndexSchema
+
+__all__ = [
+    "REGION_DTYPES",
+    "COMPRESSION_FILE",
+    "RegionCompression",
+    "learn_region_pca",
+    "quantize_int8",
+    "load_region_compression",
+]
+
+REGION_DTYPES = ("float32", "float16", "int8")
+# Saved beside manifest.json; a searcher finding it projects query region vectors with it.
+COMPRESSION_FILE = "region_compression.npz"
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
+
+
+def learn_region_pca(vectors: np.ndarray, dim: int):
+    """Principal components of L2-normalised region vectors.
+
+    Args:
+        vectors: (M, C) region vectors of another dataset (any float dtype), M >= 2.
+        dim: components kept, 1 <= dim <= min(M, C).
+
+    Returns:
+        tuple(np.ndarray, np.ndarray): ``mean`` float32 (C,) of the normalised vectors and
+        ``components`` float32 (dim, C), orthonormal rows, largest variance first.
+    """
+    x = _l2(np.asarray(vectors, dtype=np.float64).reshape(len(vectors), -1)).astype(np.float64)
+    if x.shape[0] < 2:
+        raise ValueError(f"PCA needs at least 2 region vectors, got {x.shape[0]}")
+    if not 1 <= int(dim) <= min(x.shape):
+        raise ValueError(f"pca dim must be in [1, {min(x.shape)}], got {dim}")
+    mean = x.mean(axis=0)
+    # SVD of the centred data: right singular vectors are the covariance eigenvectors.
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[: int(dim)]
+    # A deterministic sign per component: the largest-magnitude coordinate is positive.
+    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
+    comps = comps * signs[:, None]
+    return mean.astype(np.float32), comps.astype(np.float32)
+
+
+def quantize_int8(x: np.ndarray) -> np.ndarray:
+    """Per-row symmetric 8-bit codes: ``round(127 * x / max|x|)`` (zero rows stay zero).
+
+    Args:
+        x: (K, D) float vectors.
+
+    Returns:
+        int8 (K, D) codes; each row is proportional to its input up to rounding.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    peak = np.abs(x).max(axis=-1, keepdims=True) if x.size else np.zeros(x.shape[:-1] + (1,))
+    scale = np.where(peak > 0, 127.0 / np.maximum(peak, 1e-30), 0.0).astype(np.float32)
+    return np.clip(np.rint(x * scale), -127, 127).astype(np.int8)
+
+
+@dataclass
+class RegionCompression:
+    """How region vectors are stored. All-default = keep all proposals, no PCA, float16.
+
+    Attributes:
+        num_proposals: proposals kept per image, highest objectness first; 0 = all.
+        pca_dim: PCA output dimension; 0 = no projection (then ``mean``/``components`` are None).
+        dtype: "float32", "float16" or "int8" storage of the region vectors.
+        fields: the per-proposal vector fields compressed (the other proposal fields, boxes,
+            objectness, class scores, are only truncated to the kept proposals).
+        mean: float32 (C,) PCA mean (of L2-normalised vectors), or None.
+        components: float32 (pca_dim, C) PCA rows, or None.
+    """
+
+    num_proposals: int = 0
+    pca_dim: int = 0
+    dtype: str = "float16"
+    fields: Sequence[str] = ("rpa_sum", "rpa_max")
+    mean: Optional[np.ndarray] = field(default=None, repr=False)
+    components: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.dtype not in REGION_DTYPES:
+            raise ValueError(f"region dtype must be one of {REGION_DTYPES}, got {self.dtype!r}")
+        if int(self.num_proposals) < 0 or int(self.pca_dim) < 0:
+            raise ValueError("num_proposals and pca_dim must be >= 0")
+        if self.pca_dim and (self.components is None or self.mean is None):
+            raise ValueError("pca_dim > 0 needs the learned mean and components")
+        if self.components is not None and self.components.shape[0] != int(self.pca_dim):
+            raise ValueError(
+                f"components have {self.components.shape[0]} rows, pca_dim is {self.pca_dim}"
+            )
+        self.fields = tuple(self.fields)
+
+    @classmethod
+    def learn(
+        cls, vectors: np.ndarray, num_proposals=0, pca_dim=0, dtype="float16", **kw
+    ) -> "RegionCompression":
+        """A compression whose PCA (if ``pca_dim``) is learned on ``vectors`` (M, C)."""
+        mean = comps = None
+        if pca_dim:
+            mean, comps = learn_region_pca(vectors, pca_dim)
+        return cls(num_proposals, pca_dim, dtype, mean=mean, components=comps, **kw)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when nothing is compressed beyond the index's own float storage."""
+        return not self.num_proposals and not self.pca_dim and self.dtype != "int8"
+
+    def describe(self) -> dict:
+        """JSON-able description (goes into the index manifest: resuming with another
+        compression is refused). The PCA is identified by a hash of its arrays."""
+        d = {
+            "num_proposals": int(self.num_proposals),
+            "pca_dim": int(self.pca_dim),
+            "dtype": self.dtype,
+            "fields": list(self.fields),
+        }
+        if self.pca_dim:
+            import hashlib
+
+            h = hashlib.sha1(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:16]
+            d["pca_hash"] = h
+        return d
+
+    # -- vectors ---------------------------------------------------------------------------
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """L2-normalise, project (if PCA) and L2-normalise again, in float32.
+
+        Args:
+            vectors: (K, C) or (C,) region vectors.
+
+        Returns:
+            float32 (K, D) or (D,), D = ``pca_dim`` or C; unit rows (zero rows stay zero).
+        """
+        x = _l2(vectors)
+        if self.pca_dim:
+            x = _l2((x - self.mean) @ self.components.T)
+        return x
+
+    def encode(self, vectors: np.ndarray) -> np.ndarray:
+        """Stored codes of (K, C) region vectors: (K, D) in ``dtype``."""
+        x = self.transform(np.asarray(vectors).reshape(-1, np.asarray(vectors).shape[-1]))
+        if self.dtype == "int8":
+            return quantize_int8(x)
+        return x.astype(self.dtype)
+
+    def project_query(self, vector: np.ndarray) -> np.ndarray:
+        """The query region vector (C,) in the stored vectors' space: float32 (D,), unit norm.
+        Not quantised: only the database side pays the rounding."""
+        return self.transform(np.asarray(vector).reshape(-1))
+
+    def keep(self, objectness: np.ndarray) -> np.ndarray:
+        """Indices of the kept proposals: the ``num_proposals`` of highest objectness (ties: the
+        earlier one), in their stored order. int64 (K',)."""
+        k = objectness.shape[0]
+        if not self.num_proposals or k <= self.num_proposals:
+            return np.arange(k, dtype=np.int64)
+        best = np.argsort(-np.asarray(objectness, dtype=np.float64), kind="stable")
+        return np.sort(best[: int(self.num_proposals)])
+
+    # -- index records and schema ------------------------------------------------------------
+    def compress_record(self, record: Dict[str, np.ndarray], schema: IndexSchema) -> dict:
+        """One image's index record with kept proposals only and compressed region vectors.
+
+        Args:
+            record: field -> array as given to :meth:`IndexWriter.add` (proposal fields (K, ...),
+                ``objectness`` (K,) among them).
+            schema: the uncompressed schema (tells which fields are per proposal).
+
+        Returns:
+            a new record for the schema :meth:`schema` returns.
+        """
+        if "objectness" in record:
+            keep = self.keep(np.asarray(record["objectness"]))
+        elif self.num_proposals:
+            raise ValueError("keeping the best proposals needs the 'objectness' field")
+        else:
+            keep = slice(None)
+        out = {}
+        for spec in schema.fields:
+            v = np.asarray(record[spec.name])
+            if spec.scope == "proposal":
+                v = v[keep]
+                if spec.name in self.fields:
+                    v = self.encode(v) if v.shape[0] else np.zeros((0, self.dim(v)), self.dtype)
+            out[spec.name] = v
+        return out
+
+    def dim(self, v: np.ndarray) -> int:
+        """Stored dimension for input vectors ``v`` (..., C)."""
+        return int(self.pca_dim) or int(v.shape[-1])
+
+    def schema(self, schema: IndexSchema) -> IndexSchema:
+        """``schema`` with the compressed fields stored as exact fields of ``dtype``, so that
+        they keep their code type whatever the index's feature dtype."""
+        fields = []
+        for f in schema.fields:
+            if f.name in self.fields:
+                f = FieldSpec(f.name, f.scope, "exact", (int(self.pca_dim) or None,), self.dtype)
+            fields.append(f)
+        return IndexSchema(fields)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path):
+        """Write to ``path`` (an .npz; a file-like object works too)."""
+        arrays = {"config": np.array(json.dumps(self.describe()))}
+        if self.pca_dim:
+            arrays["mean"], arrays["components"] = self.mean, self.components
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path) -> "RegionCompression":
+        with np.load(path, allow_pickle=False) as d:
+            cfg = json.loads(str(d["config"]))
+            mean = np.array(d["mean"]) if "mean" in d.files else None
+            comps = np.array(d["components"]) if "components" in d.files else None
+        return cls(cfg["num_proposals"], cfg["pca_dim"], cfg["dtype"], cfg["fields"], mean, comps)
+
+
+def load_region_compression(index_root) -> Optional[RegionCompression]:
+    """The compression saved beside an index (``COMPRESSION_FILE``), or None if uncompressed."""
+    path = Path(index_root) / COMPRESSION_FILE
+    return RegionCompression.load(path) if path.is_file() else None
+
+
+def compress_index(source, dest, compression: RegionCompression, shard_size: int = 256):
+    """Write a compressed copy of a finalized index (no network pass: stored features only).
+
+    Images keep their order, ids and failed list; the manifest gains ``region_compression``
+    (:meth:`RegionCompression.describe`) and the compression is saved beside it.
+
+    Args:
+        source: an :class:`~retrieval_ext.retrieval.index_store.IndexReader` of an uncompressed
+            index (float32 preferably: float16 sources compress their rounded values).
+        dest: directory of the new index (must not hold another index).
+        compression: what to apply.
+        shard_size: images per shard of the new index.
+
+    Returns:
+        IndexReader of the new index.
+    """
+    from .index_store import IndexReader, IndexWriter
+
+    if load_region_compression(source.root) is not None:
+        raise ValueError(f"{source.root} is already compressed")
+    dest = Path(dest)
+    manifest = dict(source.manifest, region_compression=compression.describe())
+    schema = compression.schema(source.schema)
+    dest.mkdir(parents=True, exist_ok=True)
+    compression.save(dest / COMPRESSION_FILE)
+    with IndexWriter(dest, manifest, shard_size, source.dtype, 0, schema) as writer:
+        for i, image_id in enumerate(source.image_ids):
+            if image_id in writer.done_ids:
+                continue
+            rec = {f.name: source.image_field(i, f.name) for f in source.schema.image_fields}
+            rec.update(source.regions(i))
+            writer.add(image_id, compression.compress_record(rec, source.schema))
+        for image_id, reason in source.failed.items():
+            if image_id not in writer.failed:
+                writer.mark_failed(image_id, reason)
+    IndexWriter(dest, manifest, shard_size, source.dtype, 0, schema).finalize(
+        source.info["image_list"]
+    )
+    return IndexReader(dest)

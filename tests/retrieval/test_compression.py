@@ -1,0 +1,153 @@
+"""Region-feature compression: PCA, int8 codes, kept proposals, compressed index and its search."""
+
+import numpy as np
+import pytest
+
+from retrieval_ext.retrieval.compression import (
+    RegionCompression,
+    compress_index,
+    learn_region_pca,
+    load_region_compression,
+    quantize_int8,
+)
+from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
+from retrieval_ext.retrieval.search import InstanceSearcher
+
+
+def test_quantize_int8_hand_example():
+    x = np.array([[0.5, -0.25, 0.0, 0.1], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    # row 1: scale 127 / 0.5 = 254 -> [127, -63.5 -> -64 (round half to even), 0, 25.4 -> 25]
+    assert quantize_int8(x).tolist() == [[127, -64, 0, 25], [0, 0, 0, 0]]
+
+
+def test_pca_matches_covariance_eigenvectors():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 6)) * np.array([5, 3, 2, 1, 0.5, 0.1])
+    mean, comps = learn_region_pca(x, 3)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cov = np.cov(xn.T)
+    w, v = np.linalg.eigh(cov)
+    top = v[:, np.argsort(w)[::-1][:3]].T
+    assert np.allclose(mean, xn.mean(0), atol=1e-6)
+    for c, t in zip(comps, top):  # same axes up to sign
+        assert abs(abs(float(c @ t)) - 1) < 1e-4
+
+
+def test_keep_highest_objectness_in_stored_order():
+    c = RegionCompression(num_proposals=2)
+    assert c.keep(np.array([0.1, 0.9, 0.3, 0.9])).tolist() == [1, 3]
+    assert RegionCompression(num_proposals=9).keep(np.ones(3)).tolist() == [0, 1, 2]
+
+
+def _index(root, n=10, k=6, c=16, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = {}
+    with IndexWriter(root, {"m": 1}, 4, "float32", 0, default_schema()) as w:
+        for i in range(n):
+            kk = 0 if i == 4 else k  # an image without proposals
+            rec = {
+                "ipa_sum": rng.random(c),
+                "ipa_max": rng.random(c),
+                "height": 50,
+                "width": 60,
+                "boxes": rng.random((kk, 4)) * 50,
+                "objectness": rng.random(kk),
+                "rpa_sum": rng.random((kk, c)),
+                "rpa_max": rng.random((kk, c)),
+                "scores": rng.random((kk, 3)),
+            }
+            w.add(f"im{i}", rec)
+            recs[f"im{i}"] = rec
+    IndexWriter(root, {"m": 1}, 4, "float32", 0, default_schema()).finalize(
+        [f"im{i}" for i in range(n)]
+    )
+    return IndexReader(root), recs
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_compressed_index_search_equals_brute_force(tmp_path, dtype):
+    src, recs = _index(tmp_path / "src")
+    rng = np.random.default_rng(5)
+    comp = RegionCompression.learn(rng.random((300, 16)), num_proposals=4, pca_dim=8, dtype=dtype)
+    dst = compress_index(src, tmp_path / "dst", comp, shard_size=3)
+    assert dst.image_ids == src.image_ids
+    assert load_region_compression(dst.root).describe() == comp.describe()
+    # bytes: 4 of 6 proposals, 8 dims, 2 (float16) or 1 (int8) bytes, two RPA fields
+    item = 2 if dtype == "float16" else 1
+    props = 4 * 9 / 10  # image 4 has none
+    assert dst.nbytes_per_image()["rpa_max"] == pytest.approx(props * 8 * item)
+
+    def encode(v):  # written out: L2, centre, project, L2
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)
+        p = (v - comp.mean) @ comp.components.T
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+
+    query = {"ipa_sum": rng.random(16), "ipa_max": rng.random(16), "crop_max": rng.random(16)}
+    res = InstanceSearcher(dst, top_n=10).search(query, ["filtering", "ca_sr"])["ca_sr"]
+    qv = query["crop_max"] / np.linalg.norm(query["crop_max"])
+    qp = (qv - comp.mean) @ comp.components.T
+    qp /= np.linalg.norm(qp)
+    tol = 2e-3 if dtype == "float16" else 2e-2
+    for pos, i in enumerate(res.order):
+        rec = recs[f"im{i}"]
+        if len(rec["objectness"]) == 0:
+            assert np.isneginf(res.scores[pos])
+            continue
+        keep = np.sort(np.argsort(-rec["objectness"], kind="stable")[:4])
+        sims = encode(rec["rpa_max"][keep]) @ qp
+        assert res.scores[pos] == pytest.approx(sims.max(), abs=tol)
+        assert np.allclose(res.boxes[pos], rec["boxes"][keep][res.best_proposal[pos]])
+        assert sims[res.best_proposal[pos]] >= sims.max() - 2 * tol
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "int8"])
+def test_blocked_ca_sr_equals_per_image_brute_force(monkeypatch, dtype):
+    from retrieval_ext.retrieval import reranking
+
+    # a 7-row buffer: images straddle block flushes, one image is larger than a block
+    monkeypatch.setattr(reranking, "_COSINE_BLOCK_ROWS", 7)
+    rng = np.random.default_rng(4)
+    sizes = [3, 0, 5, 16, 1, 6]
+    parts = [(rng.standard_normal((k, 5)) * 40).astype(dtype) for k in sizes]
+    q = rng.standard_normal(5)
+    order = np.arange(len(sizes))
+    res = reranking.class_agnostic_rerank(q, order, np.zeros(len(sizes)), parts, top_n=6)
+    qn = q / np.linalg.norm(q)
+    for pos, i in enumerate(res.order):
+        v = parts[i].astype(np.float64)
+        if len(v) == 0:
+            assert np.isneginf(res.scores[pos])
+            continue
+        sims = (v / np.linalg.norm(v, axis=1, keepdims=True)) @ qn
+        assert res.scores[pos] == pytest.approx(sims.max(), abs=1e-5)
+        assert res.best_proposal[pos] == int(np.argmax(sims))
+
+
+def test_prepare_compressed_index_and_writer_round_trip(tmp_path):
+    from retrieval_ext.retrieval.pipeline import prepare_compressed_index
+
+    base = default_schema()
+    assert prepare_compressed_index(None, base, {"m": 1}, str(tmp_path)) == (base, {"m": 1})
+    comp = RegionCompression(num_proposals=2, dtype="int8")
+    schema, manifest = prepare_compressed_index(comp, base, {"m": 1}, str(tmp_path))
+    assert manifest == {"m": 1, "region_compression": comp.describe()}
+    assert schema["rpa_max"].dtype == "int8" and schema["boxes"] == base["boxes"]
+    assert load_region_compression(tmp_path).describe() == comp.describe()
+    rec = {
+        "ipa_sum": np.ones(4),
+        "ipa_max": np.ones(4),
+        "height": 5,
+        "width": 5,
+        "boxes": np.arange(12.0).reshape(3, 4),
+        "objectness": np.array([0.2, 0.9, 0.5]),
+        "rpa_sum": np.eye(3, 4),
+        "rpa_max": np.array([[2.0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 4]]),
+        "scores": np.ones((3, 2)),
+    }
+    with IndexWriter(tmp_path, manifest, 2, "float16", 0, schema) as w:
+        w.add("a", comp.compress_record(rec, base))
+    IndexWriter(tmp_path, manifest, 2, "float16", 0, schema).finalize(["a"])
+    r = IndexReader(tmp_path).regions(0)
+    # proposals 1 and 2 (objectness 0.9, 0.5) kept in stored order; unit rows scaled to 127
+    assert r["boxes"].tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
+    assert r["rpa_max"].tolist() == [[0, 127, 127, 0], [0, 0, 0, 127]]
