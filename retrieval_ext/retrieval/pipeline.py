@@ -132,8 +132,13 @@ def build_index(
     dtype: str = "float16",
     batch_size: int = 1,
     show_progress: bool = True,
+    compression: Optional[RegionCompression] = None,
 ) -> Optional[IndexReader]:
     """Extract every image of ``<dataset>_db`` once and store its features in ``index_dir``.
+
+    With ``compression``, region features are stored compressed (fewer proposals, PCA, int8 /
+    float16; see :mod:`.compression`), the compression is saved beside the index and recorded in
+    its manifest.
 
     Resumes an interrupted run (images stored in complete shards are skipped; a run killed at
     any point, even by SIGKILL, resumes to the index an uninterrupted run gives). Under
@@ -162,6 +167,8 @@ def build_index(
     # stored images keep the database order; the loader-skipped ones follow, to be listed
     image_list = db_ids + sorted(pre_skipped)
     manifest = index_manifest(extractor, dataset)
+    if compression is not None:
+        manifest = dict(manifest, region_compression=compression.describe())
     if (Path(index_dir) / "manifest.json").is_file():
         index = IndexReader(index_dir)
         index.check_compatible(manifest)
@@ -172,7 +179,8 @@ def build_index(
         raise ValueError(f"{db_name} has no database images: nothing to index")
     rank, world = comm.get_rank(), comm.get_world_size()
     schema = index_schema(extractor.store_class_boxes)
-    writer = IndexWriter(index_dir, manifest, shard_size, dtype, rank, schema)
+    stored_schema, manifest = prepare_compressed_index(compression, schema, manifest, index_dir)
+    writer = IndexWriter(index_dir, manifest, shard_size, dtype, rank, stored_schema)
     failed = []
     try:
         pending = set(writer.pending(image_list))
@@ -197,6 +205,8 @@ def build_index(
             chunk = todo[start : start + batch_size]
             records, bad = extractor.database_records(chunk)
             for image_id, rec in records:
+                if compression is not None:
+                    rec = compression.compress_record(rec, schema)
                 writer.add(image_id, rec)
             for image_id, reason in bad:
                 writer.mark_failed(image_id, reason)
@@ -223,7 +233,9 @@ def build_index(
             )
     comm.synchronize()
     if comm.is_main_process():
-        IndexWriter(index_dir, manifest, shard_size, dtype, rank, schema).finalize(image_list)
+        IndexWriter(index_dir, manifest, shard_size, dtype, rank, stored_schema).finalize(
+            image_list
+        )
     comm.synchronize()
     index = IndexReader(index_dir)
     if index.num_images == 0:
@@ -235,10 +247,15 @@ def build_index(
 
 
 def open_index(index_dir: str, extractor: Optional[FeatureExtractor], dataset: str) -> IndexReader:
-    """Open a finalized index, refusing it if it was built with another model or config."""
+    """Open a finalized index, refusing it if it was built with another model or config.
+
+    How its region features were compressed is read from the index itself, so only the keys of
+    :func:`index_manifest` (dataset, model config, weights) are compared.
+    """
     index = IndexReader(index_dir)
     if extractor is not None:
-        index.check_compatible(index_manifest(extractor, dataset))
+        expected = index_manifest(extractor, dataset)
+        index.check_compatible(expected, keys=list(expected))
     return index
 
 
@@ -548,12 +565,15 @@ def prepare_index(cfg, extractor: FeatureExtractor, dataset: str, index_dir: str
     Returns:
         (index, whitening or None)
     """
-    index = build_index(extractor, dataset, index_dir, **index_options(cfg))
+    work_dir = os.path.dirname(os.path.abspath(index_dir))
+    compression = region_compression_from_cfg(cfg, extractor, work_dir, **index_options(cfg))
+    index = build_index(
+        extractor, dataset, index_dir, compression=compression, **index_options(cfg)
+    )
     # kept beside the index it goes with, so that runs sharing an index share its whitening
     whitening = load_or_learn_whitening(
-        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset,
-        os.path.dirname(os.path.abspath(index_dir)), dim=cfg.RETRIEVAL.WHITENING_DIM,
-        **index_options(cfg),
+        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, work_dir,
+        dim=cfg.RETRIEVAL.WHITENING_DIM, **index_options(cfg),
     )
     return index, whitening
 

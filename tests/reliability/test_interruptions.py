@@ -61,6 +61,9 @@ def test_sigkill_during_indexing_then_rerun(zf, tmp_path, registered):
         "2",
         "RETRIEVAL.INDEX_DTYPE",
         "float32",
+        # stored uncompressed, like the in-process reference below (build_index's default)
+        "RETRIEVAL.REGION_DTYPE",
+        "",
         "OUTPUT_DIR",
         str(tmp_path / "out"),
     ]

@@ -53,6 +53,7 @@ def run(tmp_path_factory):
         "RETRIEVAL.TOP_N", str(TOP_N),
         "RETRIEVAL.QE_M", str(QE_M),
         "RETRIEVAL.INDEX_DTYPE", "float32",
+        "RETRIEVAL.REGION_DTYPE", "",  # region vectors stored exactly: compared below
         "RETRIEVAL.SHARD_SIZE", "4",
         "RETRIEVAL.VIS_TOP_K", "3",
     ]
