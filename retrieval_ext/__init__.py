@@ -2,6 +2,7 @@
 
 Importing the package registers its meta-architecture, ROI heads, backbones and datasets.
 """
+
 from . import data as _data  # noqa: F401  registers datasets
 from . import modeling as _modeling  # noqa: F401  registers models
 from .config import add_retrieval_config

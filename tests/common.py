@@ -1,4 +1,5 @@
 """Helpers shared by the tests: tiny configs and models, synthetic inputs, fixture paths."""
+
 import os
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from retrieval_ext.config import add_retrieval_config
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
 # The real ground-truth fixtures live in ../shared/data beside the checkout (CI lays them there).
-SHARED_DATA = Path(os.environ.get("RETRIEVAL_EXT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("RETRIEVAL_EXT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")
+)
 
 
 def tiny_cfg(name="R50-C4", opts=()):

@@ -1,4 +1,5 @@
 """Every YAML under configs/ merges into a retrieval_ext config and builds a model."""
+
 import pytest
 import torch
 from detectron2.config import get_cfg

@@ -3,6 +3,7 @@
 The numbers of a 16-image benchmark trained for 3 iterations mean nothing; what is checked is
 that each step produced its outputs and that the report is consistent with them.
 """
+
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "demo.py"), "--quick", "--output-dir", str(out)],
-        capture_output=True, text=True, timeout=1200,
+        capture_output=True,
+        text=True,
+        timeout=1200,
         env=dict(os.environ, PYTHONWARNINGS="ignore"),
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -52,7 +55,9 @@ def test_report_tables_match_the_per_model_results(demo):
     for stage in ["filtering", "filtering_qe", "ca_sr", "ca_sr_qe"]:
         assert report["mAP"][stage]["ft1"] == pytest.approx(report["mAP"][stage]["off_the_shelf"])
     assert set(report["pooling_ablation"]) == {
-        "filter sum / rerank max", "filter max / rerank max", "filter sum / rerank sum"
+        "filter sum / rerank max",
+        "filter max / rerank max",
+        "filter sum / rerank sum",
     }
     # the default pooling variant re-searches the off-the-shelf index: same numbers
     default = report["pooling_ablation"]["filter sum / rerank max"]

@@ -20,6 +20,7 @@ Every step runs the project's own tools (tools/train_net.py, tools/retrieve.py) 
 as a user would, with their progress shown; a step whose outputs exist is skipped, so an
 interrupted run resumes.
 """
+
 import os  # noqa: E402  (before torch is imported: OpenMP reads it once)
 
 # Spinning OpenMP threads make small CPU models 5-10x slower when another process competes for
@@ -38,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retrieval_ext.data.datasets.synthetic import (  # noqa: E402
-    GENERIC_CATEGORIES,
     generate_generic_detection_set,
     generate_synthetic_benchmark,
 )
@@ -49,7 +49,9 @@ MODELS = ["off_the_shelf", "ft1", "ft2"]
 # (full, quick) sizes; quick is a smoke test of the whole job, not a result.
 DATA = {
     "full": dict(
-        synthetic=dict(num_instances=11, queries_per_instance=5, num_db=300, short_side=300, seed=0),
+        synthetic=dict(
+            num_instances=11, queries_per_instance=5, num_db=300, short_side=300, seed=0
+        ),
         synthetic_whiten=dict(
             num_instances=11, queries_per_instance=1, num_db=100, short_side=300, seed=1000
         ),
@@ -71,11 +73,26 @@ SCHEDULE = {
     "quick": dict(generic=4, ft1=3, ft2=3),
 }
 QUICK_OPTS = [
-    "INPUT.MIN_SIZE_TEST", "160", "INPUT.MAX_SIZE_TEST", "320",
-    "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "320",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "30", "MODEL.RETRIEVAL.NUM_PROPOSALS", "30",
-    "SOLVER.IMS_PER_BATCH", "2", "RETRIEVAL.TOP_N", "8", "RETRIEVAL.QE_M", "2",
-    "RETRIEVAL.VIS_TOP_K", "4",
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "INPUT.MAX_SIZE_TEST",
+    "320",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+    "INPUT.MAX_SIZE_TRAIN",
+    "320",
+    "MODEL.RPN.POST_NMS_TOPK_TEST",
+    "30",
+    "MODEL.RETRIEVAL.NUM_PROPOSALS",
+    "30",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "RETRIEVAL.TOP_N",
+    "8",
+    "RETRIEVAL.QE_M",
+    "2",
+    "RETRIEVAL.VIS_TOP_K",
+    "4",
 ]
 CONFIG = REPO / "configs" / "synthetic"
 
@@ -110,9 +127,17 @@ def pretrain_detector(out: Path, env, size: str, extra) -> Path:
     final = out / "model_final.pth"
     if not final.is_file():
         run(
-            [sys.executable, REPO / "tools" / "train_net.py",
-             "--config-file", CONFIG / "EfficientNet-Lite0_generic.yaml",
-             "OUTPUT_DIR", out, "SOLVER.MAX_ITER", SCHEDULE[size]["generic"]] + extra,
+            [
+                sys.executable,
+                REPO / "tools" / "train_net.py",
+                "--config-file",
+                CONFIG / "EfficientNet-Lite0_generic.yaml",
+                "OUTPUT_DIR",
+                out,
+                "SOLVER.MAX_ITER",
+                SCHEDULE[size]["generic"],
+            ]
+            + extra,
             env,
         )
     return final
@@ -135,9 +160,20 @@ def evaluate(cfg_file, out: Path, weights, env, extra, stages=STAGES):
     results = out / "retrieval_results.json"
     if not results.is_file():
         run(
-            [sys.executable, REPO / "tools" / "retrieve.py", "all", "--config-file", cfg_file,
-             "OUTPUT_DIR", out, "MODEL.WEIGHTS", weights,
-             "RETRIEVAL.STAGES", "[" + ",".join(f"'{s}'" for s in stages) + "]"] + extra,
+            [
+                sys.executable,
+                REPO / "tools" / "retrieve.py",
+                "all",
+                "--config-file",
+                cfg_file,
+                "OUTPUT_DIR",
+                out,
+                "MODEL.WEIGHTS",
+                weights,
+                "RETRIEVAL.STAGES",
+                "[" + ",".join(f"'{s}'" for s in stages) + "]",
+            ]
+            + extra,
             env,
         )
     return json.loads(results.read_text())
@@ -149,10 +185,21 @@ def pooling_ablation(out: Path, weights, env, extra):
     for filt, rerank in [("sum", "max"), ("max", "max"), ("sum", "sum")]:
         d = out / f"pooling_{filt}_{rerank}"
         res = evaluate(
-            CONFIG / "EfficientNet-Lite0.yaml", d, weights, env,
-            extra + ["RETRIEVAL.INDEX_DIR", out / "off_the_shelf" / "index",
-                     "RETRIEVAL.FILTER_POOLING", filt, "RETRIEVAL.RERANK_POOLING", rerank,
-                     "RETRIEVAL.VIS_TOP_K", "0"],
+            CONFIG / "EfficientNet-Lite0.yaml",
+            d,
+            weights,
+            env,
+            extra
+            + [
+                "RETRIEVAL.INDEX_DIR",
+                out / "off_the_shelf" / "index",
+                "RETRIEVAL.FILTER_POOLING",
+                filt,
+                "RETRIEVAL.RERANK_POOLING",
+                rerank,
+                "RETRIEVAL.VIS_TOP_K",
+                "0",
+            ],
             stages=["filtering", "ca_sr"],
         )
         rows[f"filter {filt} / rerank {rerank}"] = {s: res[s]["mAP"] for s in res}
@@ -161,10 +208,13 @@ def pooling_ablation(out: Path, weights, env, extra):
 
 def write_report(out: Path, table, ablation, detector_ap, seconds):
     report = {
-        "mAP": {s: {m: table[m].get(s, {}).get("mAP") for m in MODELS if m in table} for s in STAGES},
+        "mAP": {
+            s: {m: table[m].get(s, {}).get("mAP") for m in MODELS if m in table} for s in STAGES
+        },
         "localisation": {
             s: {m: table[m].get(s, {}).get("mean_iou") for m in MODELS if m in table}
-            for s in STAGES if s.endswith(("sr", "sr_qe"))
+            for s in STAGES
+            if s.endswith(("sr", "sr_qe"))
         },
         "pooling_ablation": ablation,
         "generic_detector_AP": detector_ap,
@@ -178,26 +228,41 @@ def write_report(out: Path, table, ablation, detector_ap, seconds):
     lines = ["| stage | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
     for s in STAGES:
         lines.append(f"| {s} | " + " | ".join(fmt(report["mAP"][s].get(m)) for m in MODELS) + " |")
-    lines += ["", "mean IoU of the located boxes (true positives in the top 10):", "",
-              "| stage | " + " | ".join(MODELS) + " |", "|---|" + "---|" * len(MODELS)]
+    lines += [
+        "",
+        "mean IoU of the located boxes (true positives in the top 10):",
+        "",
+        "| stage | " + " | ".join(MODELS) + " |",
+        "|---|" + "---|" * len(MODELS),
+    ]
     for s, row in report["localisation"].items():
         lines.append(f"| {s} | " + " | ".join(fmt(row.get(m)) for m in MODELS) + " |")
-    lines += ["", "pooling (off-the-shelf, mAP):", "", "| variant | filtering | ca_sr |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        "pooling (off-the-shelf, mAP):",
+        "",
+        "| variant | filtering | ca_sr |",
+        "|---|---|---|",
+    ]
     for k, v in ablation.items():
         lines.append(f"| {k} | {fmt(v.get('filtering'))} | {fmt(v.get('ca_sr'))} |")
     if detector_ap:
-        lines += ["", "off-the-shelf detector (generic categories, held-out images), COCO box AP (%): "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in detector_ap.items())]
+        lines += [
+            "",
+            "off-the-shelf detector (generic categories, held-out images), COCO box AP (%): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in detector_ap.items()),
+        ]
     text = "\n".join(lines)
     (out / "report.md").write_text(text + "\n")
 
     links = "".join(
         f'<li><a href="{m}/visualization/index.html">{m}: ranked results</a></li>'
-        for m in MODELS if (out / m / "visualization" / "index.html").is_file()
+        for m in MODELS
+        if (out / m / "visualization" / "index.html").is_file()
     )
     rows = "".join(
-        f"<tr><td>{s}</td>" + "".join(f"<td>{fmt(report['mAP'][s].get(m))}</td>" for m in MODELS)
+        f"<tr><td>{s}</td>"
+        + "".join(f"<td>{fmt(report['mAP'][s].get(m))}</td>" for m in MODELS)
         + "</tr>"
         for s in STAGES
     )
@@ -206,7 +271,10 @@ def write_report(out: Path, table, ablation, detector_ap, seconds):
         "<body style='font-family:sans-serif'><h1>Faster R-CNN features for instance search: "
         "synthetic benchmark, EfficientNet-Lite0</h1><h2>mAP (%)</h2>"
         "<table border=1 cellpadding=4><tr><th>stage</th>"
-        + "".join(f"<th>{m}</th>" for m in MODELS) + "</tr>" + rows + "</table>"
+        + "".join(f"<th>{m}</th>" for m in MODELS)
+        + "</tr>"
+        + rows
+        + "</table>"
         f"<pre>{html.escape(text)}</pre>"
         f"<p>generic detector, COCO box AP (%) on held-out generic images: "
         f"{html.escape(str(detector_ap))}</p>"
@@ -234,9 +302,11 @@ def main(argv=None):
     detector = pretrain_detector(out / "generic_detector", env, size, extra)
     detector_ap = generic_detection_ap(out / "generic_detector")
 
-    table = {"off_the_shelf": evaluate(
-        CONFIG / "EfficientNet-Lite0.yaml", out / "off_the_shelf", detector, env, extra
-    )}
+    table = {
+        "off_the_shelf": evaluate(
+            CONFIG / "EfficientNet-Lite0.yaml", out / "off_the_shelf", detector, env, extra
+        )
+    }
     ablation = pooling_ablation(out, detector, env, extra)
     num_classes = DATA[size]["synthetic"]["num_instances"]
     for strategy in ["ft1", "ft2"]:
@@ -245,18 +315,31 @@ def main(argv=None):
         if not weights.is_file():
             # retrieval is evaluated below (with the gallery), not a second time by the trainer
             run(
-                [sys.executable, REPO / "tools" / "train_net.py",
-                 "--config-file", CONFIG / f"EfficientNet-Lite0_{strategy}.yaml",
-                 "OUTPUT_DIR", train_dir, "MODEL.WEIGHTS", detector,
-                 "MODEL.FINETUNE.DATASET", "", "DATASETS.TRAIN", "('synthetic_finetune',)",
-                 "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", num_classes,
-                 "SOLVER.MAX_ITER", SCHEDULE[size][strategy]] + extra,
+                [
+                    sys.executable,
+                    REPO / "tools" / "train_net.py",
+                    "--config-file",
+                    CONFIG / f"EfficientNet-Lite0_{strategy}.yaml",
+                    "OUTPUT_DIR",
+                    train_dir,
+                    "MODEL.WEIGHTS",
+                    detector,
+                    "MODEL.FINETUNE.DATASET",
+                    "",
+                    "DATASETS.TRAIN",
+                    "('synthetic_finetune',)",
+                    "DATASETS.TEST",
+                    "()",
+                    "MODEL.ROI_HEADS.NUM_CLASSES",
+                    num_classes,
+                    "SOLVER.MAX_ITER",
+                    SCHEDULE[size][strategy],
+                ]
+                + extra,
                 env,
             )
         # the training run's saved config.yaml is the fine-tuned model's config
-        table[strategy] = evaluate(
-            train_dir / "config.yaml", out / strategy, weights, env, extra
-        )
+        table[strategy] = evaluate(train_dir / "config.yaml", out / strategy, weights, env, extra)
     text = write_report(out, table, ablation, detector_ap, time.time() - start)
     log(f"done in {time.time() - start:.0f} s; report: {out / 'report.html'}\n\nmAP (%):\n{text}")
 

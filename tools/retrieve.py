@@ -10,6 +10,7 @@
 Everything is written under OUTPUT_DIR: config.yaml, log.txt, index/ (unless RETRIEVAL.INDEX_DIR),
 retrieval_results.json, latency.json, visualization/index.html, search_results.json.
 """
+
 import os  # noqa: E402  (before torch is imported: OpenMP reads it once)
 
 # Spinning OpenMP threads make small CPU models 5-10x slower when another process competes for
@@ -173,9 +174,12 @@ def run_visualize(cfg, run, stage):
         top = positions[r.order[:k]]
         rel = [_relevance(meta, qi, int(i)) for i in top]
         strip = result_strip(
-            q["file_name"], q["box"], [files[int(i)] for i in top],
+            q["file_name"],
+            q["box"],
+            [files[int(i)] for i in top],
             [b if np.all(np.isfinite(b)) else None for b in r.boxes[:k]],
-            r.scores[:k], rel,
+            r.scores[:k],
+            rel,
         )
         hits = sum(1 for x in rel if x)
         name = f"{qi:03d}_{q['image_id'].replace('/', '_')}"

@@ -3,6 +3,7 @@
 ``evaluate_stages`` is the one place that turns stage results into ``{stage: {metric: value}}``;
 ``tools/retrieve.py evaluate`` and the trainer's :class:`RetrievalEvaluator` both call it.
 """
+
 import logging
 from collections import OrderedDict
 from typing import Dict, List, Sequence
@@ -90,7 +91,10 @@ def evaluate_stages(
             loc = metrics.localisation_metrics(
                 rankings,
                 [r.boxes for r in per_query],
-                [{int(k): np.asarray(v, dtype=np.float32) for k, v in g["boxes"].items()} for g in gnd],
+                [
+                    {int(k): np.asarray(v, dtype=np.float32) for k, v in g["boxes"].items()}
+                    for g in gnd
+                ],
                 [set(_positives(protocol, g)) for g in gnd],
                 top_k=loc_top_k,
             )

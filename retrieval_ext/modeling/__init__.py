@@ -1,4 +1,5 @@
 """Models: importing this package registers the meta-architecture, ROI heads and backbones."""
+
 from . import backbones as _backbones  # noqa: F401  registers VGG16, ZF, EfficientNet-Lite0
 from .meta_arch import RetrievalRCNN
 from .roi_heads import RetrievalRes5ROIHeads, RetrievalROIHeadsMixin, RetrievalStandardROIHeads

@@ -1,4 +1,5 @@
 """``RetrievalRCNN``: one forward pass gives detections, IPA, proposals with RPA, query regions."""
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -91,7 +92,9 @@ class RetrievalRCNN(GeneralizedRCNN):
         proposals, _ = self.proposal_generator(images, features, None)
         detections, kept = self.roi_heads.forward_retrieval(features, proposals)
 
-        query_boxes = [self._query_boxes_to_input(x, s) for x, s in zip(batched_inputs, images.image_sizes)]
+        query_boxes = [
+            self._query_boxes_to_input(x, s) for x, s in zip(batched_inputs, images.image_sizes)
+        ]
         has_query = [len(q) > 0 for q in query_boxes]
         query_rpa = (
             self.roi_heads.region_descriptors(features, query_boxes) if any(has_query) else None
@@ -110,7 +113,12 @@ class RetrievalRCNN(GeneralizedRCNN):
             }
             if has_query[i]:
                 out["query"] = self._query_output(
-                    features, i, image_size, inp["query_boxes"], query_boxes[i], query_rpa[i],
+                    features,
+                    i,
+                    image_size,
+                    inp["query_boxes"],
+                    query_boxes[i],
+                    query_rpa[i],
                     (height, width),
                 )
             results.append(out)
@@ -124,7 +132,10 @@ class RetrievalRCNN(GeneralizedRCNN):
         return maps
 
     def _pool_image(self, features, i: int, image_size):
-        pooled = [sum_max_pool(f[:, : v[0], : v[1]]) for f, _, v in self._ipa_maps(features, i, image_size)]
+        pooled = [
+            sum_max_pool(f[:, : v[0], : v[1]])
+            for f, _, v in self._ipa_maps(features, i, image_size)
+        ]
         return combine_levels(pooled)
 
     def _query_boxes_to_input(self, inp, image_size) -> Boxes:

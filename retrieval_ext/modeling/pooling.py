@@ -4,6 +4,7 @@ Pure tensor functions, free of detectron2, so that they can be checked against h
 examples. Feature maps are ``(C, H, W)`` (or batched ``(N, C, H, W)``); boxes are XYXY in the
 pixel frame of the network input unless a docstring says otherwise.
 """
+
 import math
 from typing import List, Sequence, Tuple
 

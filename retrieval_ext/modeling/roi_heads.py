@@ -14,6 +14,7 @@ Which pooled map RPA comes from:
   single level detectron2's ``ROIPooler`` assigns it by its size (canonical level 4 for a
   224 x 224 box), so every RPA vector has the FPN channel count.
 """
+
 from typing import Dict, List
 
 import torch
@@ -65,7 +66,8 @@ class RetrievalROIHeadsMixin:
             ``kept`` holds the first ``num_retrieval_proposals`` proposals with fields
             ``proposal_boxes`` (Boxes), ``objectness_logits`` (K,), ``rpa_sum`` and ``rpa_max``
             (K, C), ``scores`` (K, num_classes + 1; softmax, background last) and ``class_boxes``
-            (K, B, 4) with B = num_classes, or 1 for class-agnostic regression, clipped to the image.
+            (K, B, 4) with B = num_classes (1 for class-agnostic regression), clipped to the
+            image.
         """
         assert not self.training
         boxes = [p.proposal_boxes for p in proposals]

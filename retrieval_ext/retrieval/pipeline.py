@@ -9,8 +9,8 @@ import json
 import logging
 import os
 import zipfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -22,9 +22,9 @@ from ..data.datasets import register_custom_dataset
 from ..data.datasets.common import UnknownDatasetError, get_retrieval_metadata
 from ..evaluation.evaluator import NoGroundTruthError, db_positions, evaluate_stages
 from ..utils.io import atomic_write
+from .compression import COMPRESSION_FILE, RegionCompression
 from .extractor import FeatureExtractor
 from .faiss_search import FaissParams
-from .compression import COMPRESSION_FILE, RegionCompression
 from .index_store import (
     FieldSpec,
     IndexReader,
@@ -477,8 +477,11 @@ def region_compression_from_cfg(
         comm.synchronize()
     learned = RegionCompression.load(path)
     return RegionCompression(
-        r.REGION_NUM_PROPOSALS, r.REGION_PCA_DIM, dtype,
-        mean=learned.mean, components=learned.components,
+        r.REGION_NUM_PROPOSALS,
+        r.REGION_PCA_DIM,
+        dtype,
+        mean=learned.mean,
+        components=learned.components,
     )
 
 
@@ -572,8 +575,12 @@ def prepare_index(cfg, extractor: FeatureExtractor, dataset: str, index_dir: str
     )
     # kept beside the index it goes with, so that runs sharing an index share its whitening
     whitening = load_or_learn_whitening(
-        extractor, cfg.RETRIEVAL.WHITENING_DATASET, dataset, work_dir,
-        dim=cfg.RETRIEVAL.WHITENING_DIM, **index_options(cfg),
+        extractor,
+        cfg.RETRIEVAL.WHITENING_DATASET,
+        dataset,
+        work_dir,
+        dim=cfg.RETRIEVAL.WHITENING_DIM,
+        **index_options(cfg),
     )
     return index, whitening
 
@@ -614,7 +621,9 @@ def score_run(cfg, run: SearchRun) -> Optional[Dict[str, Dict[str, float]]]:
     db = get_dataset_dicts(run.metadata.db_dataset)
     try:
         return evaluate_stages(
-            run.results, run.metadata, db_positions(run.index, db),
+            run.results,
+            run.metadata,
+            db_positions(run.index, db),
             loc_top_k=cfg.RETRIEVAL.LOC_TOP_K,
         )
     except NoGroundTruthError as e:

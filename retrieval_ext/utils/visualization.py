@@ -4,6 +4,7 @@ Images are drawn with detectron2's ``Visualizer``; a relevant result gets a gree
 non-relevant one red, and one without ground truth (or junk) grey. ``write_gallery`` also writes
 an ``index.html`` linking every query's strip.
 """
+
 import html
 import os
 from typing import List, Optional, Sequence
@@ -20,7 +21,9 @@ BORDER_COLORS = {True: (40, 180, 40), False: (210, 40, 40), None: (150, 150, 150
 _BORDER = 6
 
 
-def draw_box(image_rgb: np.ndarray, box: Optional[Sequence[float]], label: str = "", color="yellow"):
+def draw_box(
+    image_rgb: np.ndarray, box: Optional[Sequence[float]], label: str = "", color="yellow"
+):
     """The image (H, W, 3 RGB uint8) with ``box`` (XYXY pixels; None or NaN: none) and a label."""
     vis = Visualizer(image_rgb, scale=1.0)
     if box is not None and np.all(np.isfinite(np.asarray(box, dtype=np.float64))):
@@ -33,9 +36,16 @@ def draw_box(image_rgb: np.ndarray, box: Optional[Sequence[float]], label: str =
 def _tile(image_rgb, box, label, relevant, height, color="yellow"):
     drawn = draw_box(image_rgb, box, label, color)
     h, w = drawn.shape[:2]
-    scaled = cv2.resize(drawn, (max(1, round(w * height / h)), height), interpolation=cv2.INTER_AREA)
+    scaled = cv2.resize(
+        drawn, (max(1, round(w * height / h)), height), interpolation=cv2.INTER_AREA
+    )
     return cv2.copyMakeBorder(
-        scaled, _BORDER, _BORDER, _BORDER, _BORDER, cv2.BORDER_CONSTANT,
+        scaled,
+        _BORDER,
+        _BORDER,
+        _BORDER,
+        _BORDER,
+        cv2.BORDER_CONSTANT,
         value=BORDER_COLORS[relevant],
     )
 
@@ -59,7 +69,9 @@ def result_strip(
         height: height of every tile in pixels.
     """
     tiles = [_tile(read_image(query_file, "RGB"), query_box, "query", None, height, "blue")]
-    for rank, (f, b, s, rel) in enumerate(zip(result_files, result_boxes, result_scores, relevance)):
+    for rank, (f, b, s, rel) in enumerate(
+        zip(result_files, result_boxes, result_scores, relevance)
+    ):
         tiles.append(_tile(read_image(f, "RGB"), b, f"#{rank + 1} {s:.3f}", rel, height))
     gap = np.full((height + 2 * _BORDER, 4, 3), 255, dtype=np.uint8)
     parts = []

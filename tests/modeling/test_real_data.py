@@ -1,9 +1,10 @@
-"""Real-data sanity: ImageNet EfficientNet-Lite0 IPA vectors group the real Oxford photos by building.
+"""Real-data sanity: ImageNet EfficientNet-Lite0 IPA groups the real Oxford photos by building.
 
 ../shared/data/oxford5k/sample_jpg holds 10 real Oxford 5k query photos: five of Pitt Rivers and
 five of the Radcliffe Camera (one of them named bodleian_*). Which photos show the same building
 is read from the official ground truth (gnd_oxford5k.pkl), not from the file names.
 """
+
 import pickle
 
 import numpy as np
@@ -26,17 +27,24 @@ def _same_building(names):
     """same[i][j]: photo j is a positive (good/ok) of query photo i in the official ground truth."""
     with open(GND, "rb") as f:
         gnd = pickle.load(f)
-    pos = {
-        q: {gnd["imlist"][k] for k in gnd["gnd"][i]["ok"]} for i, q in enumerate(gnd["qimlist"])
-    }
-    return [[j != i and names[j] in pos[names[i]] for j in range(len(names))] for i in range(len(names))]
+    pos = {q: {gnd["imlist"][k] for k in gnd["gnd"][i]["ok"]} for i, q in enumerate(gnd["qimlist"])}
+    return [
+        [j != i and names[j] in pos[names[i]] for j in range(len(names))] for i in range(len(names))
+    ]
 
 
 @pytest.fixture(scope="module")
 def ipa():
     cfg = tiny_cfg(
         "EfficientNet-Lite0",
-        ["MODEL.EFFICIENTNET.PRETRAINED", True, "INPUT.MIN_SIZE_TEST", 320, "INPUT.MAX_SIZE_TEST", 640],
+        [
+            "MODEL.EFFICIENTNET.PRETRAINED",
+            True,
+            "INPUT.MIN_SIZE_TEST",
+            320,
+            "INPUT.MAX_SIZE_TEST",
+            640,
+        ],
     )
     model = build_model(cfg).eval()
     mapper = RetrievalDatasetMapper(cfg, is_train=False)

@@ -3,6 +3,7 @@
 Every expected value is recomputed here from the backbone map / pooler output with plain tensor
 operations, independently of retrieval_ext.modeling.pooling.
 """
+
 import math
 
 import pytest
@@ -86,7 +87,9 @@ def test_rpa_after_res5_pools_the_res5_output():
         out = model(inputs)[0]
         _, features, proposals = _reference(model, inputs)
         kept = proposals[0][:16]
-        res5 = model.roi_heads.res5(model.roi_heads.pooler([features["res4"]], [kept.proposal_boxes]))
+        res5 = model.roi_heads.res5(
+            model.roi_heads.pooler([features["res4"]], [kept.proposal_boxes])
+        )
     assert res5.shape[1:] == (2048, 7, 7)
     torch.testing.assert_close(out["proposals"].rpa_max, res5.amax(dim=(2, 3)))
     torch.testing.assert_close(out["proposals"].rpa_sum, res5.sum(dim=(2, 3)))
@@ -204,7 +207,9 @@ def test_other_backbones_give_all_outputs(name):
         fmap = torch.stack([features[f][i] for f in ipa]).sum(dim=0) if len(ipa) == 1 else None
         stride = model.backbone.output_shape()[ipa[0]].stride
         h, w = images.image_sizes[i]
-        rows, cols = min(math.ceil(h / stride), fmap.shape[1]), min(math.ceil(w / stride), fmap.shape[2])
+        rows, cols = min(math.ceil(h / stride), fmap.shape[1]), min(
+            math.ceil(w / stride), fmap.shape[2]
+        )
         # sums of ~1e3 large random activations: float32 summation order matters at 1e-5
         torch.testing.assert_close(
             o["ipa_sum"], fmap[:, :rows, :cols].sum(dim=(1, 2)), rtol=1e-4, atol=1e-3
@@ -221,7 +226,5 @@ def test_other_backbones_give_all_outputs(name):
         # random-weight activations reach 1e3-1e5: compare relative to their scale
         scale = float(pooled.abs().max())
         torch.testing.assert_close(p.rpa_max, pooled.amax(dim=(2, 3)), rtol=1e-5, atol=1e-6 * scale)
-        torch.testing.assert_close(
-            p.rpa_sum, pooled.sum(dim=(2, 3)), rtol=1e-5, atol=1e-5 * scale
-        )
+        torch.testing.assert_close(p.rpa_sum, pooled.sum(dim=(2, 3)), rtol=1e-5, atol=1e-5 * scale)
     assert out[0]["query"].crop_sum.shape[0] == 2

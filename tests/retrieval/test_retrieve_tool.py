@@ -3,6 +3,7 @@
 Each stage's saved ranking is recomputed here by brute force from the stored features (plain
 numpy loops), and the mAP from the ground truth with an AP written here.
 """
+
 import json
 import os
 import subprocess
@@ -24,7 +25,11 @@ QE_M = 2
 def _run(args, env, cwd):
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tools" / "retrieve.py")] + args,
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     return proc
 
@@ -33,29 +38,48 @@ def _run(args, env, cwd):
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("retrieve")
     generate_synthetic_benchmark(
-        str(tmp / "synthetic"), num_instances=3, queries_per_instance=2, num_db=10,
-        short_side=112, seed=1,
+        str(tmp / "synthetic"),
+        num_instances=3,
+        queries_per_instance=2,
+        num_db=10,
+        short_side=112,
+        seed=1,
     )
     generate_synthetic_benchmark(
-        str(tmp / "whiten"), num_instances=2, queries_per_instance=1, num_db=8,
-        short_side=112, seed=7,
+        str(tmp / "whiten"),
+        num_instances=2,
+        queries_per_instance=1,
+        num_db=8,
+        short_side=112,
+        seed=7,
     )
     model = tiny_model("ZF")
     torch.save({"model": model.state_dict()}, tmp / "zf.pth")
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp), PYTHONWARNINGS="ignore")
     out = tmp / "out"
     common = [
-        "--config-file", str(REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"),
-        "MODEL.WEIGHTS", str(tmp / "zf.pth"),
-        "RETRIEVAL.DATASET", "synthetic",
-        "RETRIEVAL.CUSTOM_DATASETS", f"['whiten={tmp / 'whiten'}']",
-        "RETRIEVAL.WHITENING_DATASET", "whiten",
-        "RETRIEVAL.TOP_N", str(TOP_N),
-        "RETRIEVAL.QE_M", str(QE_M),
-        "RETRIEVAL.INDEX_DTYPE", "float32",
-        "RETRIEVAL.REGION_DTYPE", "",  # region vectors stored exactly: compared below
-        "RETRIEVAL.SHARD_SIZE", "4",
-        "RETRIEVAL.VIS_TOP_K", "3",
+        "--config-file",
+        str(REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"),
+        "MODEL.WEIGHTS",
+        str(tmp / "zf.pth"),
+        "RETRIEVAL.DATASET",
+        "synthetic",
+        "RETRIEVAL.CUSTOM_DATASETS",
+        f"['whiten={tmp / 'whiten'}']",
+        "RETRIEVAL.WHITENING_DATASET",
+        "whiten",
+        "RETRIEVAL.TOP_N",
+        str(TOP_N),
+        "RETRIEVAL.QE_M",
+        str(QE_M),
+        "RETRIEVAL.INDEX_DTYPE",
+        "float32",
+        "RETRIEVAL.REGION_DTYPE",
+        "",  # region vectors stored exactly: compared below
+        "RETRIEVAL.SHARD_SIZE",
+        "4",
+        "RETRIEVAL.VIS_TOP_K",
+        "3",
     ]
     proc = _run(["all"] + common + ["OUTPUT_DIR", str(out)], env, tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -89,8 +113,15 @@ def _ap(ranked_ids, positives, junk):
 
 def test_outputs_are_written_under_output_dir(run):
     out = run["out"]
-    for name in ["config.yaml", "log.txt", "retrieval_results.json", "latency.json",
-                 "rankings.npz", "index/manifest.json", "visualization/index.html"]:
+    for name in [
+        "config.yaml",
+        "log.txt",
+        "retrieval_results.json",
+        "latency.json",
+        "rankings.npz",
+        "index/manifest.json",
+        "visualization/index.html",
+    ]:
         assert (out / name).is_file(), name
     html = (out / "visualization" / "index.html").read_text()
     strips = sorted(p.name for p in (out / "visualization").glob("*.jpg"))
@@ -155,7 +186,12 @@ def test_each_stage_ranking_equals_brute_force(run):
 def test_reported_map_matches_ground_truth(run):
     out = run["out"]
     results = json.loads((out / "retrieval_results.json").read_text())
-    assert set(results) == {"filtering", "filtering_qe", "ca_sr", "ca_sr_qe"}  # no CS-SR off-the-shelf
+    assert set(results) == {
+        "filtering",
+        "filtering_qe",
+        "ca_sr",
+        "ca_sr_qe",
+    }  # no CS-SR off-the-shelf
     rel = json.loads((run["tmp"] / "synthetic" / "relevance.json").read_text())
     queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
     rk = np.load(out / "rankings.npz")
@@ -183,8 +219,11 @@ def test_index_is_reused_and_mismatching_model_is_refused(run):
     assert json.loads((out / "index" / "manifest.json").read_text()) == manifest
     # another proposal count changes the stored features: refused, naming what differs
     proc = _run(
-        ["evaluate"] + run["common"] + ["OUTPUT_DIR", str(out), "MODEL.RETRIEVAL.NUM_PROPOSALS", "8"],
-        run["env"], run["tmp"],
+        ["evaluate"]
+        + run["common"]
+        + ["OUTPUT_DIR", str(out), "MODEL.RETRIEVAL.NUM_PROPOSALS", "8"],
+        run["env"],
+        run["tmp"],
     )
     assert proc.returncode != 0
     assert IndexMismatchError.__name__ in proc.stderr
@@ -213,7 +252,9 @@ def test_python_api_queries_with_image_and_box(run, monkeypatch):
     queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
     rk = np.load(run["out"] / "rankings.npz")
     qd = queries[0]
-    hits = engine.query(str(run["tmp"] / "synthetic" / qd["image"]), qd["box"], stage="ca_sr", top_k=5)
+    hits = engine.query(
+        str(run["tmp"] / "synthetic" / qd["image"]), qd["box"], stage="ca_sr", top_k=5
+    )
     assert [h.rank for h in hits] == [1, 2, 3, 4, 5]
     assert [h.image_id for h in hits] == list(rk["ca_sr/image_ids"][0][:5])
     assert all(h.box is not None for h in hits[:TOP_N]) and hits[TOP_N].box is None
