@@ -142,8 +142,9 @@ def build_index(
 
     Resumes an interrupted run (images stored in complete shards are skipped; a run killed at
     any point, even by SIGKILL, resumes to the index an uninterrupted run gives). Under
-    torch.distributed each rank extracts every ``world_size``-th pending image into its own
-    shards and rank 0 finalizes after all ranks are done.
+    torch.distributed each rank extracts the pending images at its positions of the database
+    (``i % world_size == rank``) into its own shards and rank 0 finalizes after all ranks are
+    done.
 
     Unreadable images are skipped and listed in the manifest's ``failed`` ({name: reason}):
     those the dataset loader already left out (empty files, non-images, named in its warning)
@@ -184,7 +185,10 @@ def build_index(
     failed = []
     try:
         pending = set(writer.pending(image_list))
-        todo = [d for d in dicts if d["image_id"] in pending][rank::world]
+        # each image belongs to the rank of its position in the database, not in this rank's
+        # view of what is pending: ranks open their writers at different moments (another rank
+        # may already have written a shard), so slicing their pending lists could skip images
+        todo = [d for i, d in enumerate(dicts) if i % world == rank and d["image_id"] in pending]
         if len(pending) < len(image_list):
             stored = sum(1 for i in image_list if i in writer.done_ids)
             marked = len(image_list) - len(pending) - stored
