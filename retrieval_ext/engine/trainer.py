@@ -138,7 +138,7 @@ class RetrievalTrainer(DefaultTrainer):
             with ``evaluator_type="coco"``.
 
         Raises:
-            NotImplementedError: for any other dataset.
+            ValueError: for any other dataset.
         """
         if _retrieval_name_or_none(dataset_name) is not None:
             return RetrievalEvaluator(cfg, dataset_name, model=model, output_dir=output_dir)
@@ -147,7 +147,7 @@ class RetrievalTrainer(DefaultTrainer):
             return COCOEvaluator(
                 dataset_name, output_dir=output_dir or os.path.join(cfg.OUTPUT_DIR, "inference")
             )
-        raise NotImplementedError(
+        raise ValueError(
             f"no evaluator for {dataset_name!r} (evaluator_type {evaluator_type!r}); "
             "RetrievalTrainer evaluates retrieval datasets and COCO-format detection datasets"
         )
