@@ -56,6 +56,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from timm.layers import freeze_batch_norm_2d
 
+from .common import check_rgb_input, freeze_by_prefix
+
 __all__ = [
     "EfficientNetLite0",
     "build_efficientnet_lite0_backbone",
@@ -243,11 +245,7 @@ class EfficientNetLite0(Backbone):
             ]
         if freeze_at >= 5:
             prefixes += ["conv_head.", "bn2."]
-        prefixes = tuple(prefixes)
-        for name, param in self.named_parameters():
-            if name.startswith(prefixes):
-                param.requires_grad_(False)
-        return self
+        return freeze_by_prefix(self, prefixes)
 
     def forward(self, x):
         """
@@ -291,8 +289,7 @@ def build_efficientnet_lite0_backbone(cfg, input_shape):
     Returns:
         EfficientNetLite0: the backbone.
     """
-    if input_shape.channels != 3:
-        raise ValueError(f"EfficientNet-Lite0 expects 3 input channels, got {input_shape.channels}")
+    check_rgb_input("EfficientNet-Lite0", input_shape)
     return EfficientNetLite0(
         out_features=cfg.MODEL.EFFICIENTNET.OUT_FEATURES,
         freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT,

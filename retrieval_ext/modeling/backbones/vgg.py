@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from .common import check_rgb_input, freeze_by_prefix
+
 __all__ = ["VGG16", "build_vgg16_backbone", "convert_torchvision_vgg16", "VGG16_LAYER_NAMES"]
 
 # (output channels, number of 3x3 convs) of each of the five conv stages.
@@ -86,10 +88,7 @@ class VGG16(Backbone):
         if not 0 <= freeze_at <= len(_VGG16_STAGES):
             raise ValueError(f"freeze_at must be in 0..{len(_VGG16_STAGES)}, got {freeze_at}")
         frozen = tuple(f"conv{stage}_" for stage in range(1, freeze_at + 1))
-        for name, param in self.named_parameters():
-            if name.startswith(frozen):
-                param.requires_grad_(False)
-        return self
+        return freeze_by_prefix(self, frozen)
 
     def forward(self, x):
         """
@@ -126,8 +125,7 @@ def build_vgg16_backbone(cfg, input_shape):
     Returns:
         VGG16: the backbone.
     """
-    if input_shape.channels != 3:
-        raise ValueError(f"VGG16 expects 3 input channels, got {input_shape.channels}")
+    check_rgb_input("VGG16", input_shape)
     return VGG16(out_features=cfg.MODEL.VGG.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

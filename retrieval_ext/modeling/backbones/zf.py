@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from .common import check_rgb_input, freeze_by_prefix
+
 __all__ = ["ZF", "WithinChannelLRN", "build_zf_backbone", "ZF_LAYER_NAMES"]
 
 ZF_LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -132,10 +134,7 @@ class ZF(Backbone):
         if not 0 <= freeze_at <= len(ZF_LAYER_NAMES):
             raise ValueError(f"freeze_at must be in 0..{len(ZF_LAYER_NAMES)}, got {freeze_at}")
         frozen = tuple(f"{name}." for name in ZF_LAYER_NAMES[:freeze_at])
-        for name, param in self.named_parameters():
-            if name.startswith(frozen):
-                param.requires_grad_(False)
-        return self
+        return freeze_by_prefix(self, frozen)
 
     def forward(self, x):
         """
@@ -172,6 +171,5 @@ def build_zf_backbone(cfg, input_shape):
     Returns:
         ZF: the backbone.
     """
-    if input_shape.channels != 3:
-        raise ValueError(f"ZF expects 3 input channels, got {input_shape.channels}")
+    check_rgb_input("ZF", input_shape)
     return ZF(out_features=cfg.MODEL.ZF.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
