@@ -22,15 +22,12 @@ import logging
 import sys
 
 import numpy as np
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
-from retrieval_ext.config import add_retrieval_config  # noqa: E402
-from retrieval_ext.engine.trainer import setup_finetune_cfg  # noqa: E402
+from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
 from retrieval_ext.evaluation.evaluator import db_positions, format_table  # noqa: E402
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
@@ -68,18 +65,7 @@ def parse_args(argv=None):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    pipeline.register_config_datasets(cfg)
-    # a fine-tuning config: the class count follows the dataset's query objects, as in training
-    setup_finetune_cfg(cfg)
-    cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
-    return cfg
+    return setup_cfg(args)
 
 
 def index_dir(cfg):

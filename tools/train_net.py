@@ -21,36 +21,21 @@ import logging
 import os
 import sys
 
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
-from retrieval_ext.config import add_retrieval_config  # noqa: E402
-from retrieval_ext.engine import RetrievalTrainer, setup_finetune_cfg  # noqa: E402
+from retrieval_ext.engine import RetrievalTrainer  # noqa: E402
+from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
 from retrieval_ext.modeling.checkpoint import RetrievalCheckpointer  # noqa: E402
-from retrieval_ext.retrieval import pipeline  # noqa: E402
 
 logger = logging.getLogger("retrieval_ext")
 
 
 def setup(args):
-    """get_cfg -> add_retrieval_config -> merge file and opts -> datasets -> freeze -> setup."""
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    # before setup_finetune_cfg, so that its messages reach OUTPUT_DIR/log.txt
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
-    pipeline.register_config_datasets(cfg)
-    setup_finetune_cfg(cfg)
-    cfg.freeze()
-    default_setup(cfg, args)
-    return cfg
+    return setup_cfg(args)
 
 
 def main(args):

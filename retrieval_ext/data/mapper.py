@@ -17,8 +17,9 @@ Images are read by :func:`read_image`, for database images, queries and the Pyth
 """
 
 import copy
+import io
 import math
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -31,7 +32,13 @@ from PIL import Image
 
 from .boxes import validate_box
 
-__all__ = ["RetrievalDatasetMapper", "UnreadableImageError", "crop_to_box", "read_image"]
+__all__ = [
+    "RetrievalDatasetMapper",
+    "UnreadableImageError",
+    "crop_to_box",
+    "read_image",
+    "read_image_bytes",
+]
 
 # PIL modes carrying transparency; composited over _BACKGROUND before any conversion.
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -83,9 +90,36 @@ def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
     Raises:
         UnreadableImageError: the file is missing, empty, not an image, truncated or corrupt.
     """
+    return _decode(file_name, None, format)
+
+
+def read_image_bytes(
+    data: bytes, name: str, format: str = "BGR", max_pixels: Optional[int] = None
+) -> np.ndarray:
+    """Like :func:`read_image` for an encoded image held in memory (an upload).
+
+    Args:
+        data: the encoded file's bytes.
+        name: what error messages call it (e.g. the uploaded file's name).
+        format: as :func:`read_image`.
+        max_pixels: refuse images with more pixels than this before decoding them (None: PIL's
+            own decompression-bomb limit only).
+
+    Raises:
+        UnreadableImageError: empty, not an image, truncated, corrupt or too large.
+    """
+    return _decode(name, data, format, max_pixels)
+
+
+def _decode(name: str, data: Optional[bytes], format: str, max_pixels=None) -> np.ndarray:
     try:
-        with PathManager.open(file_name, "rb") as f:
+        with PathManager.open(name, "rb") if data is None else io.BytesIO(data) as f:
             image = Image.open(f)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise UnreadableImageError(
+                    name,
+                    f"{image.width}x{image.height} pixels is more than the {max_pixels} allowed",
+                )
             image.load()  # decode everything now: a truncated file fails here, not later
         image = utils._apply_exif_orientation(image)
         if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
@@ -93,10 +127,12 @@ def read_image(file_name: str, format: str = "BGR") -> np.ndarray:
         elif image.mode in _16BIT_MODES:
             image = _to_8bit(image)
         array = utils.convert_PIL_to_numpy(image, format)
+    except UnreadableImageError:
+        raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise UnreadableImageError(file_name, f"{type(e).__name__}: {e}") from e
+        raise UnreadableImageError(name, f"{type(e).__name__}: {e}") from e
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise UnreadableImageError(file_name, f"empty image of shape {array.shape}")
+        raise UnreadableImageError(name, f"empty image of shape {array.shape}")
     return array
 
 

@@ -114,6 +114,8 @@ class InstanceSearch:
         stage: str = "ca_sr_qe",
         top_k: int = 10,
         class_id: Optional[int] = None,
+        top_n: Optional[int] = None,
+        qe_m: Optional[int] = None,
     ) -> List[SearchHit]:
         """Rank the database for the object inside ``box`` of ``image``.
 
@@ -123,25 +125,31 @@ class InstanceSearch:
             stage: one of the pipeline stages (see retrieval_ext.retrieval.search).
             top_k: number of hits returned (fewer when the database is smaller).
             class_id: the query object's class, for the CS-SR stages.
+            top_n, qe_m: N (images reranked) and M (images averaged by query expansion) for
+                this query; None = ``RETRIEVAL.TOP_N`` / ``RETRIEVAL.QE_M``.
 
         Returns:
             the top ``top_k`` hits, best first.
         """
         record = self.query_record(image, box)
-        return self.search_record(record, stage, top_k, class_id)
+        return self.search_record(record, stage, top_k, class_id, top_n, qe_m)
 
-    def search_record(self, record: dict, stage="ca_sr_qe", top_k=10, class_id=None):
+    def search_record(
+        self, record: dict, stage="ca_sr_qe", top_k=10, class_id=None, top_n=None, qe_m=None
+    ) -> List[SearchHit]:
         """Like :meth:`query` for an already extracted query record."""
         if int(top_k) < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
-        result = self.searcher.search(record, [stage], class_id=class_id)[stage]
-        hits = []
+        result = self.searcher.search(record, [stage], class_id, top_n, qe_m)[stage]
+        return self.hits(result, top_k)
+
+    def hits(self, result, top_k: int) -> List[SearchHit]:
+        """The first ``top_k`` entries of a :class:`~.search.StageResult` as :class:`SearchHit`."""
+        out = []
         for r, (i, s, b) in enumerate(
             zip(result.order[:top_k], result.scores[:top_k], result.boxes[:top_k])
         ):
             box = [float(v) for v in b] if np.all(np.isfinite(b)) else None
             i = int(i)
-            hits.append(
-                SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], float(s), box)
-            )
-        return hits
+            out.append(SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], float(s), box))
+        return out

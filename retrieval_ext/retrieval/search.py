@@ -188,6 +188,8 @@ class InstanceSearcher:
         query: dict,
         stages: Sequence[str] = STAGES,
         class_id: Optional[int] = None,
+        top_n: Optional[int] = None,
+        qe_m: Optional[int] = None,
     ) -> Dict[str, StageResult]:
         """Run the requested stages (and those they build on) for one query.
 
@@ -195,6 +197,8 @@ class InstanceSearcher:
             query: a query record (see ``extractor.outputs_to_query``).
             stages: stage names, a subset of :data:`STAGES`.
             class_id: the query object's class, required by the CS-SR stages.
+            top_n, qe_m: this call's N (images reranked) and M (images averaged into an expanded
+                query); None = the searcher's own.
 
         Returns:
             {stage: StageResult} for exactly the requested stages.
@@ -209,13 +213,17 @@ class InstanceSearcher:
                     f"CS-SR needs the query's class id in [0, {k}) of the fine-tuned model's "
                     f"classes, got {class_id}"
                 )
+        n = self.top_n if top_n is None else int(top_n)
+        m = self.qe_m if qe_m is None else int(qe_m)
+        if n < 0 or m < 0:
+            raise ValueError(f"top_n and qe_m must be >= 0, got top_n={n}, qe_m={m}")
         n_db = self.db.shape[0]
         out: Dict[str, StageResult] = {}
         done: Dict[str, StageResult] = {}
 
         def need(stage):
             if stage not in done:
-                done[stage] = self._run_stage(stage, query, class_id, need, n_db)
+                done[stage] = self._run_stage(stage, query, class_id, need, n_db, n, m)
             return done[stage]
 
         for s in stages:
@@ -235,21 +243,21 @@ class InstanceSearcher:
         order, scores = rank(qv[None], self.db)
         return order[0], scores[0]
 
-    def _global_qe(self, qv, order):
-        return average_query_expansion(qv, self.db, order, self.qe_m)
+    def _global_qe(self, qv, order, m):
+        return average_query_expansion(qv, self.db, order, m)
 
-    def _ca(self, region, order, scores):
+    def _ca(self, region, order, scores, n):
         # compressed float vectors are stored unit-norm; int8 codes are scaled per vector
         unit = self.region_compression is not None and self.region_compression.dtype != "int8"
         return class_agnostic_rerank(
-            region, order, scores, self._rpa, self._boxes, self.top_n, normalized=unit
+            region, order, scores, self._rpa, self._boxes, n, normalized=unit
         )
 
-    def _cs(self, class_id, order, scores):
+    def _cs(self, class_id, order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
-        return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, self.top_n)
+        return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, n)
 
-    def _run_stage(self, stage, query, class_id, need, n_db) -> StageResult:
+    def _run_stage(self, stage, query, class_id, need, n_db, n, m) -> StageResult:
         if stage == "filtering":
             t = time.perf_counter()
             order, scores = self._filter(self.query_vector(query))
@@ -257,33 +265,33 @@ class InstanceSearcher:
         if stage == "filtering_qe":
             base = need("filtering")
             t = time.perf_counter()
-            order, scores = self._filter(self._global_qe(self.query_vector(query), base.order))
+            order, scores = self._filter(self._global_qe(self.query_vector(query), base.order, m))
             return StageResult(order, scores, _no_boxes(n_db), time.perf_counter() - t)
         if stage == "ca_sr":
             base = need("filtering")
             t = time.perf_counter()
-            r = self._ca(self.query_region_vector(query), base.order, base.scores)
+            r = self._ca(self.query_region_vector(query), base.order, base.scores, n)
             return StageResult.from_rerank(r, time.perf_counter() - t)
         if stage == "ca_sr_qe":
             base, ca = need("filtering"), need("ca_sr")
             t = time.perf_counter()
             region = self.query_region_vector(query)
             if self.qe_rerank_mode == "region":
-                best = gather_best_region_vectors(ca, self._rpa, self.qe_m)
+                best = gather_best_region_vectors(ca, self._rpa, m)
                 expanded = region_query_expansion(region, best) if len(best) else region
-                r = self._ca(expanded, base.order, base.scores)
+                r = self._ca(expanded, base.order, base.scores, n)
             else:
-                order, scores = self._filter(self._global_qe(self.query_vector(query), ca.order))
-                r = self._ca(region, order, scores)
+                order, scores = self._filter(self._global_qe(self.query_vector(query), ca.order, m))
+                r = self._ca(region, order, scores, n)
             return StageResult.from_rerank(r, time.perf_counter() - t)
         if stage == "cs_sr":
             base = need("filtering")
             t = time.perf_counter()
-            r = self._cs(class_id, base.order, base.scores)
+            r = self._cs(class_id, base.order, base.scores, n)
             return StageResult.from_rerank(r, time.perf_counter() - t)
         # cs_sr_qe
         cs = need("cs_sr")
         t = time.perf_counter()
-        order, scores = self._filter(self._global_qe(self.query_vector(query), cs.order))
-        r = self._cs(class_id, order, scores)
+        order, scores = self._filter(self._global_qe(self.query_vector(query), cs.order, m))
+        r = self._cs(class_id, order, scores, n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
