@@ -9,7 +9,7 @@ export VENV
 # process competes for the cores; passive waiting costs nothing when the machine is idle.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup demo demo-quick test lint benchmark
+.PHONY: setup demo demo-quick test lint benchmark serve
 
 setup:
 	@bash scripts/setup.sh
@@ -30,3 +30,10 @@ lint: setup
 
 benchmark: setup
 	$(PY) tools/benchmark.py extraction
+
+# the browser UI on the main job's off-the-shelf index (run `make demo` first); PORT=8000 by default
+PORT ?= 8000
+serve: setup
+	@test -f output/demo/off_the_shelf/index/manifest.json || { echo "no index yet: run make demo first"; exit 1; }
+	DETECTRON2_DATASETS=output/demo/datasets $(PY) tools/serve.py --port $(PORT) \
+		--config-file output/demo/off_the_shelf/config.yaml

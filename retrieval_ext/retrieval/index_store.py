@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import yaml
 
 try:
     import fcntl
@@ -254,6 +255,21 @@ def _jsonable(x):
         return repr(x)
 
 
+def _comparable(key: str, x):
+    """The form in which a manifest value is compared.
+
+    Config dumps (keys ending in ``_config``) are compared as parsed YAML: a config re-loaded from
+    the ``config.yaml`` a run saved dumps the same values without the anchors (``&id001``) that
+    shared lists get, and must still match the index it built.
+    """
+    if key.endswith("_config") and isinstance(x, str):
+        try:
+            return _jsonable(yaml.safe_load(x))
+        except yaml.YAMLError:
+            pass
+    return _jsonable(x)
+
+
 def _short_repr(x) -> str:
     r = repr(x)
     return r if len(r) <= _SHORT else r[: _SHORT - 3] + "..."
@@ -286,8 +302,9 @@ def _describe_difference(key: str, stored, expected) -> str:
 def check_manifest_compatible(stored: dict, expected: dict, keys: Optional[Sequence[str]] = None):
     """Raise unless ``stored`` and ``expected`` agree on ``keys``.
 
-    Values are compared after a JSON round trip (so tuples equal lists). A key absent from one
-    side differs from any value on the other.
+    Values are compared after a JSON round trip (so tuples equal lists), config dumps as parsed
+    YAML (see :func:`_comparable`). A key absent from one side differs from any value on the
+    other.
 
     Args:
         stored: manifest of an existing index (the caller's dict, e.g. ``reader.manifest``).
@@ -304,7 +321,7 @@ def check_manifest_compatible(stored: dict, expected: dict, keys: Optional[Seque
     for key in keys:
         a = stored.get(key, _MISSING)
         b = expected.get(key, _MISSING)
-        if (a is _MISSING) != (b is _MISSING) or _jsonable(a) != _jsonable(b):
+        if (a is _MISSING) != (b is _MISSING) or _comparable(key, a) != _comparable(key, b):
             bad.append(key)
             diffs.append(_describe_difference(key, a, b))
     if bad:

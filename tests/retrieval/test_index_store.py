@@ -532,3 +532,27 @@ def test_add_validation(tmp_path):
     w.add("img002", make_record(2))
     w.finalize(["img001", "img002"])
     assert IndexReader(tmp_path).num_images == 2
+
+
+def test_a_config_reloaded_from_its_saved_yaml_still_matches_its_index(tmp_path):
+    """Serving an index with the config.yaml its run saved: same values, but the dump of the
+    re-loaded config lacks the YAML anchors (&id001) that shared lists had in the original."""
+    from detectron2.config import get_cfg
+
+    from retrieval_ext.config import add_retrieval_config
+    from retrieval_ext.retrieval.extractor import model_fingerprint
+    from tests.common import tiny_cfg, tiny_model
+
+    cfg = tiny_cfg("ZF")
+    model = tiny_model("ZF")
+    built = model_fingerprint(cfg, model)
+    (tmp_path / "config.yaml").write_text(cfg.dump())
+    again = get_cfg()
+    add_retrieval_config(again)
+    again.merge_from_file(str(tmp_path / "config.yaml"))
+    reloaded = model_fingerprint(again, model)
+    assert "&id" in built["model_config"] and "&id" not in reloaded["model_config"]
+    check_manifest_compatible(built, reloaded)
+    again.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+    with pytest.raises(IndexMismatchError, match="model_config"):
+        check_manifest_compatible(built, model_fingerprint(again, model))

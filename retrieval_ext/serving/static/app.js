@@ -14,6 +14,8 @@ const state = {
 };
 const PAGE = 60;
 const HANDLE = 6; // screen pixels within which a press grabs an edge
+const QUERY_W = 416; // the query image is shown at most this wide and high
+const QUERY_H = 400;
 
 async function api(path, options) {
   const r = await fetch(path, options);
@@ -117,10 +119,15 @@ function selectQuery(item, box) {
     item.source === "upload" ? `upload: ${item.image_id}` : `${item.source}: ${item.image_id}`;
   const img = $("query-image");
   img.onload = () => {
+    // fit the box of QUERY_W x QUERY_H screen pixels, small images enlarged for drawing
+    const f = Math.min(QUERY_W / item.width, QUERY_H / item.height);
+    img.style.width = `${Math.round(item.width * f)}px`;
+    img.style.height = `${Math.round(item.height * f)}px`;
     $("canvas-wrap").hidden = false;
     const c = $("query-canvas");
     c.width = img.clientWidth;
     c.height = img.clientHeight;
+    c.dataset.imageWidth = state.query.width; // lets tests map image pixels to the screen
     c.dataset.ready = "1";
     redraw();
   };
@@ -201,6 +208,7 @@ function onDown(ev) {
   const p = pointer(ev);
   const g = grab(p);
   state.drag = g ? { ...g, start: p, box: state.box.slice() } : { mode: "draw", start: p };
+  if (!g) state.box = [p.x, p.y, p.x, p.y]; // a new box replaces the old one
   $("query-canvas").setPointerCapture?.(ev.pointerId);
 }
 
@@ -353,7 +361,8 @@ function showResults(res) {
     const cap = document.createElement("div");
     cap.className = "caption";
     const mark = hit.relevant === 1 ? " ✓" : hit.relevant === 0 ? " ✗" : "";
-    cap.textContent = `#${hit.rank} ${hit.score.toFixed(3)}${mark} ${hit.image_id}`;
+    const name = hit.image_id.split("/").pop();
+    cap.textContent = `#${hit.rank} ${hit.score.toFixed(3)}${mark} ${name}`;
     cap.title = hit.image_id;
     card.append(frame, cap);
     card.addEventListener("click", () => openViewer(hit));
