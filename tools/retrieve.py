@@ -28,7 +28,11 @@ from detectron2.utils import comm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
 from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
-from retrieval_ext.evaluation.evaluator import db_positions, format_table  # noqa: E402
+from retrieval_ext.evaluation.evaluator import (  # noqa: E402
+    db_positions,
+    format_table,
+    judged_sets,
+)
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
@@ -134,13 +138,9 @@ def _relevance(meta, query_index, db_index):
     if gnd is None:
         return None
     g = gnd[query_index]
-    if meta.protocol == "revisited":
-        pos, junk = set(g["easy"]) | set(g["hard"]), set(g["junk"])
-    elif meta.protocol == "ins":
-        shot = meta.db_shots[db_index]
-        return shot in set(g["relevant_shots"])
-    else:
-        pos, junk = set(g["ok"]), set(g["junk"])
+    if meta.protocol == "ins":
+        return meta.db_shots[db_index] in set(g["relevant_shots"])
+    pos, junk = judged_sets(meta.protocol, g)
     if db_index in junk:
         return None
     return db_index in pos

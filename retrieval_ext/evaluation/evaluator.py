@@ -6,14 +6,14 @@
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 from tabulate import tabulate
 
 from . import metrics
 
-__all__ = ["NoGroundTruthError", "db_positions", "evaluate_stages", "format_table"]
+__all__ = ["NoGroundTruthError", "db_positions", "evaluate_stages", "format_table", "judged_sets"]
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -35,10 +35,18 @@ def db_positions(index, db_dicts: Sequence[dict]) -> np.ndarray:
     return np.asarray([by_id[i] for i in index.image_ids], dtype=np.int64)
 
 
-def _positives(protocol: str, g: dict) -> List[int]:
+def judged_sets(protocol: str, g: dict) -> Tuple[Set[int], Set[int]]:
+    """(relevant, junk) database indices of one query's judgements.
+
+    Oxford / Paris / custom: ``ok`` and ``junk``; Revisited, its Medium protocol: ``easy`` and
+    ``hard`` are relevant, ``junk`` is skipped. Not for INS, which judges shots
+    (``relevant_shots``), not images.
+    """
+    if protocol == "ins":
+        raise ValueError("INS judges shots, not images: use metadata.db_shots")
     if protocol == "revisited":
-        return list(g["easy"]) + list(g["hard"])
-    return list(g["ok"])
+        return set(g["easy"]) | set(g["hard"]), set(g["junk"])
+    return set(g["ok"]), set(g.get("junk", ()))
 
 
 def evaluate_stages(
@@ -95,7 +103,7 @@ def evaluate_stages(
                     {int(k): np.asarray(v, dtype=np.float32) for k, v in g["boxes"].items()}
                     for g in gnd
                 ],
-                [set(_positives(protocol, g)) for g in gnd],
+                [judged_sets(protocol, g)[0] for g in gnd],
                 top_k=loc_top_k,
             )
             scores["mean_iou"] = float(loc["mean_iou"])

@@ -21,9 +21,10 @@ import os
 from typing import List, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 
 from ..data.mapper import UnreadableImageError
@@ -39,7 +40,10 @@ class SearchRequest(BaseModel):
     """Body of ``POST /api/search``."""
 
     source: str = Field(description="'db', 'query' or 'upload'")
-    id: Union[int, str] = Field(description="index position, query number or upload token")
+    # strict: JSON true is not image 1
+    id: Union[StrictInt, StrictStr] = Field(
+        description="index position, query number or upload token"
+    )
     box: List[float] = Field(min_length=4, max_length=4, description="x1, y1, x2, y2 in pixels")
     stage: str = "ca_sr_qe"
     top_n: Optional[int] = None
@@ -58,6 +62,16 @@ def create_app(service: SearchService) -> FastAPI:
     def _bad_request(request: Request, exc: RequestError):
         status = 413 if isinstance(exc, UploadTooLarge) else 400
         return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    def _malformed(request: Request, exc: RequestValidationError):
+        # FastAPI's own answer echoes the input, which may hold NaN / Infinity (Python's JSON
+        # parser accepts them) that no JSON answer can carry: say where and what, not the value
+        detail = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(ImageNotFound)
     def _not_found(request: Request, exc: ImageNotFound):

@@ -35,7 +35,7 @@ from ..data.boxes import InvalidBoxError, validate_box
 from ..data.datasets.common import get_retrieval_metadata, image_size
 from ..data.mapper import read_image, read_image_bytes
 from ..evaluation import metrics
-from ..evaluation.evaluator import db_positions
+from ..evaluation.evaluator import db_positions, judged_sets
 from ..retrieval.pipeline import available_stages, get_dataset_dicts
 from ..retrieval.search import CS_STAGES, STAGES
 
@@ -320,10 +320,7 @@ class SearchService:
             relevant = set(g["relevant_shots"])
             labels = np.asarray([1 if shots[r] in relevant else 0 for r in ranking], np.int8)
             return metrics.ins_average_precision(ranking, shots, relevant), labels
-        if self.protocol == "revisited":  # the medium protocol: easy and hard are relevant
-            pos, junk = list(g["easy"]) + list(g["hard"]), list(g["junk"])
-        else:
-            pos, junk = list(g["ok"]), list(g.get("junk", []))
+        pos, junk = (sorted(x) for x in judged_sets(self.protocol, g))
         labels = np.zeros(len(ranking), np.int8)
         labels[np.isin(ranking, pos)] = 1
         labels[np.isin(ranking, junk)] = -1
@@ -352,7 +349,8 @@ class SearchService:
             class_id: the query object's class for CS-SR stages (index into ``class_names``).
 
         Returns:
-            {"stage", "box" (as validated), "results": [{"rank", "id", "image_id", "score",
+            {"stage", "box" (as validated), "results": [{"rank", "id", "image_id", "score" (None
+            when the stage did not score the image: after ``RETRIEVAL.FILTER_TOP_K``),
             "box" (XYXY image pixels or None), "width", "height" (the image's, the frame of
             its box), "relevant" (1/0/-1, None without ground
             truth)}], "latency_ms": {"extraction": ..., stage: ... for the chain},
@@ -417,7 +415,8 @@ class SearchService:
                     "rank": hit.rank,
                     "id": i,
                     "image_id": hit.image_id,
-                    "score": hit.score,
+                    # None: not scored (after the FILTER_TOP_K an approximate filter returns)
+                    "score": hit.score if np.isfinite(hit.score) else None,
                     "box": hit.box,
                     "width": w,
                     "height": h,
@@ -449,6 +448,4 @@ class SearchService:
         if self.protocol == "ins":
             relevant = set(g["relevant_shots"])
             return int(sum(s in relevant for s in self.metadata.db_shots))
-        if self.protocol == "revisited":
-            return len(g["easy"]) + len(g["hard"])
-        return len(g["ok"])
+        return len(judged_sets(self.protocol, g)[0])

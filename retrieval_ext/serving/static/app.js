@@ -362,7 +362,8 @@ function showResults(res) {
     cap.className = "caption";
     const mark = hit.relevant === 1 ? " ✓" : hit.relevant === 0 ? " ✗" : "";
     const name = hit.image_id.split("/").pop();
-    cap.textContent = `#${hit.rank} ${hit.score.toFixed(3)}${mark} ${name}`;
+    const score = hit.score === null ? "-" : hit.score.toFixed(3); // null: not scored
+    cap.textContent = `#${hit.rank} ${score}${mark} ${name}`;
     cap.title = hit.image_id;
     card.append(frame, cap);
     card.addEventListener("click", () => openViewer(hit));
@@ -378,8 +379,8 @@ function openViewer(hit) {
   $("viewer-image").alt = hit.image_id;
   if (hit.box && hit.width) frame.append(boxOverlay(hit.box, hit.width, hit.height));
   const where = hit.box ? ` located at [${hit.box.map((v) => Math.round(v)).join(", ")}]` : "";
-  $("viewer-caption").textContent = `#${hit.rank} ${hit.image_id} score ${hit.score.toFixed(4)}` +
-    where;
+  const score = hit.score === null ? "not scored" : `score ${hit.score.toFixed(4)}`;
+  $("viewer-caption").textContent = `#${hit.rank} ${hit.image_id} ${score}${where}`;
   $("viewer").hidden = false;
 }
 
