@@ -52,3 +52,18 @@ def random_image(height, width, seed=0):
     """A ``(3, H, W)`` float tensor with 0..255 values, as detectron2 models take."""
     rng = np.random.default_rng(seed)
     return torch.as_tensor(rng.integers(0, 256, (3, height, width)).astype(np.float32))
+
+
+def written_out_ap(ranked_ids, positives, junk):
+    """Oxford's compute_ap written out independently of retrieval_ext.evaluation.metrics: junk
+    skipped, trapezoids with precision 1 at recall 0."""
+    ranked = [r for r in ranked_ids if r not in junk]
+    ap, old_recall, old_precision, hits = 0.0, 0.0, 1.0, 0
+    for i, r in enumerate(ranked):
+        if r in positives:
+            hits += 1
+        recall, precision = hits / len(positives), hits / (i + 1)
+        if r in positives:
+            ap += (recall - old_recall) * (old_precision + precision) / 2
+        old_recall, old_precision = recall, precision
+    return ap

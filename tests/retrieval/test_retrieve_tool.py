@@ -16,7 +16,7 @@ import torch
 
 from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader
-from tests.common import REPO_ROOT, tiny_model
+from tests.common import REPO_ROOT, tiny_model, written_out_ap
 
 TOP_N = 4
 QE_M = 2
@@ -95,20 +95,6 @@ def _brute_rank(scores, ids_in_order):
     # descending score; equal scores keep their previous order (stable)
     idx = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
     return [ids_in_order[j] for j in idx], [scores[j] for j in idx]
-
-
-def _ap(ranked_ids, positives, junk):
-    # Oxford compute_ap, written out: junk skipped, trapezoids with precision 1 at recall 0
-    ranked = [r for r in ranked_ids if r not in junk]
-    ap, old_recall, old_precision, hits = 0.0, 0.0, 1.0, 0
-    for i, r in enumerate(ranked):
-        if r in positives:
-            hits += 1
-        recall, precision = hits / len(positives), hits / (i + 1)
-        if r in positives:
-            ap += (recall - old_recall) * (old_precision + precision) / 2
-        old_recall, old_precision = recall, precision
-    return ap
 
 
 def test_outputs_are_written_under_output_dir(run):
@@ -201,7 +187,7 @@ def test_reported_map_matches_ground_truth(run):
             r = rel[qd["object"]]
             pos = {os.path.splitext(p)[0] for p in r["positives"]}
             junk = {os.path.splitext(p)[0] for p in r.get("junk", [])}
-            aps.append(_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
+            aps.append(written_out_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
         assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), stage
         if stage.startswith("ca_sr"):
             assert 0.0 <= metrics["mean_iou"] <= 1.0

@@ -21,6 +21,7 @@ import retrieval_ext
 from retrieval_ext.retrieval.api import InstanceSearch
 from retrieval_ext.serving.app import create_app
 from retrieval_ext.serving.service import SearchService
+from tests.common import written_out_ap
 
 NON_CS_STAGES = ["filtering", "filtering_qe", "ca_sr", "ca_sr_qe"]
 CHAIN = ["filtering", "ca_sr", "ca_sr_qe"]  # what ca_sr_qe builds on, in order
@@ -105,20 +106,6 @@ def _test_image(w, h, mode="RGB", seed=0):
 def _solid_png(w, h):
     """A one-colour PNG: a few hundred bytes whatever its size."""
     return _encode(Image.new("RGB", (w, h), (20, 180, 90)), "PNG")
-
-
-def _ap(ranked_ids, positives, junk):
-    # Oxford compute_ap, written out: junk skipped, trapezoids with precision 1 at recall 0
-    ranked = [r for r in ranked_ids if r not in junk]
-    ap, old_recall, old_precision, hits = 0.0, 0.0, 1.0, 0
-    for i, r in enumerate(ranked):
-        if r in positives:
-            hits += 1
-        recall, precision = hits / len(positives), hits / (i + 1)
-        if r in positives:
-            ap += (recall - old_recall) * (old_precision + precision) / 2
-        old_recall, old_precision = recall, precision
-    return ap
 
 
 def _iou(a, b):
@@ -563,7 +550,7 @@ def test_search_dataset_query_relevance_and_ap(client, ui_index, db_files, db_id
     for stage in CHAIN:
         full = _search(client, **_query_body(ui_index, q, stage=stage, top_k=n))
         ranked = [_rel(h["image_id"], db_files) for h in full["results"]]
-        expected = _ap(ranked, positives, junk) if positives else None
+        expected = written_out_ap(ranked, positives, junk) if positives else None
         assert res["ap"][stage] == pytest.approx(expected, abs=1e-9), stage
         assert full["ap"][stage] == pytest.approx(expected, abs=1e-9), stage
         assert set(full["ap"]) == set(CHAIN[: CHAIN.index(stage) + 1])
@@ -676,7 +663,9 @@ def test_search_db_box_on_an_annotation_finds_its_object(client, ui_index, db_fi
             r = _rel(h["image_id"], db_files)
             assert h["relevant"] == (1 if r in positives else -1 if r in junk else 0)
         ranked = [_rel(h["image_id"], db_files) for h in res["results"]]
-        assert res["ap"]["ca_sr_qe"] == pytest.approx(_ap(ranked, positives, junk), abs=1e-9)
+        assert res["ap"]["ca_sr_qe"] == pytest.approx(
+            written_out_ap(ranked, positives, junk), abs=1e-9
+        )
         # a box overlapping the annotation by IoU >= 0.5 (not equal to it) still counts
         x1, y1, x2, y2 = box
         shrunk = [x1, y1, x1 + (x2 - x1) * 0.8, y1 + (y2 - y1) * 0.8]  # IoU 0.64
