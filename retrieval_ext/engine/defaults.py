@@ -1,5 +1,7 @@
 """The one ``setup(args)`` of the command-line tools (train_net.py, retrieve.py, serve.py)."""
 
+import os
+
 from detectron2.config import get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
@@ -7,6 +9,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import add_retrieval_config
 from ..retrieval import pipeline
+from ..utils.io import OutputWriteError
 from .trainer import setup_finetune_cfg
 
 __all__ = ["setup_cfg"]
@@ -20,12 +23,20 @@ def setup_cfg(args):
 
     Returns:
         the frozen config; OUTPUT_DIR holds config.yaml and log.txt.
+
+    Raises:
+        OutputWriteError: OUTPUT_DIR cannot be created (under a regular file, not writable);
+            raised before anything is loaded or written.
     """
     cfg = get_cfg()
     add_retrieval_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    try:  # here, not deep inside detectron2's default_setup with a bare NotADirectoryError
+        os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(cfg.OUTPUT_DIR, e) from None
     # before setup_finetune_cfg, so that its messages reach OUTPUT_DIR/log.txt
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
     pipeline.register_config_datasets(cfg)
