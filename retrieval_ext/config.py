@@ -42,6 +42,15 @@ def add_retrieval_config(cfg):
     # Retrieval dataset NAME fine-tuned on (its NAME_finetune view: query boxes + flips) and
     # evaluated; sets DATASETS.TRAIN/TEST and ROI_HEADS.NUM_CLASSES. "" = use DATASETS.* as given.
     _C.MODEL.FINETUNE.DATASET = ""
+    # Retrieval datasets whose database images join the fine-tuning set as background-only
+    # images (no boxes), so the classifier also sees objects that are not the query objects
+    # (hard negatives; beyond the paper, which trains on the query images alone). [] = the paper.
+    _C.MODEL.FINETUNE.NEGATIVE_DATASETS = []
+    # Training-time augmentations added before detectron2's resize and flip, for fine-tuning on
+    # a few query views: "none" (the paper), "photometric" (brightness, contrast, saturation),
+    # "strong" (photometric + rotation up to 30 degrees + zoom-out to half size, so the query
+    # object is seen smaller and turned as it appears in the collection).
+    _C.MODEL.FINETUNE.AUGMENT = "none"
 
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()

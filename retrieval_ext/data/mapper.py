@@ -36,6 +36,7 @@ __all__ = [
     "RetrievalDatasetMapper",
     "UnreadableImageError",
     "crop_to_box",
+    "finetune_augmentations",
     "read_image",
     "read_image_bytes",
 ]
@@ -155,6 +156,28 @@ def crop_to_box(image: np.ndarray, box) -> tuple:
     return image[y0:y1, x0:x1], (x0, y0)
 
 
+def finetune_augmentations(kind: str) -> List[T.Augmentation]:
+    """The augmentations of ``MODEL.FINETUNE.AUGMENT`` (see config.py), applied first."""
+    if kind == "none":
+        return []
+    photometric = [
+        T.RandomBrightness(0.6, 1.4),
+        T.RandomContrast(0.6, 1.4),
+        T.RandomSaturation(0.6, 1.4),
+    ]
+    if kind == "photometric":
+        return photometric
+    if kind == "strong":
+        return photometric + [
+            T.RandomApply(T.RandomRotation([-30, 30], expand=True), prob=0.5),
+            # a canvas up to twice the image's size around it: the object shrinks to half
+            T.RandomApply(T.RandomExtent(scale_range=(1.0, 2.0), shift_range=(1.0, 1.0)), 0.5),
+        ]
+    raise ValueError(
+        f"MODEL.FINETUNE.AUGMENT must be 'none', 'photometric' or 'strong', got {kind!r}"
+    )
+
+
 class RetrievalDatasetMapper(DatasetMapper):
     """Maps retrieval dataset dicts to model inputs.
 
@@ -182,7 +205,13 @@ class RetrievalDatasetMapper(DatasetMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
         # the same arguments as DatasetMapper: augmentations from build_augmentation(cfg, ...)
-        return super().from_config(cfg, is_train)
+        ret = super().from_config(cfg, is_train)
+        if is_train:
+            # a plain detectron2 config (no add_retrieval_config) has no FINETUNE node
+            kind = cfg.MODEL.FINETUNE.AUGMENT if "FINETUNE" in cfg.MODEL else "none"
+            extra = finetune_augmentations(kind)
+            ret["augmentations"] = extra + list(ret["augmentations"])
+        return ret
 
     def _read(self, file_name: str) -> np.ndarray:
         return read_image(file_name, format=self.image_format)

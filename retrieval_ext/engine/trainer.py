@@ -6,7 +6,8 @@ What it adds to ``DefaultTrainer``:
   logs the trainable parameters) before the optimizer is built, so the optimizer only holds
   trainable parameters (detectron2's ``build_optimizer`` skips ``requires_grad=False``).
 - ``build_train_loader`` maps with ``RetrievalDatasetMapper``, which flips the
-  ``horizontal_flip=True`` copies of ``NAME_finetune``.
+  ``horizontal_flip=True`` copies of ``NAME_finetune``, and adds the database images of
+  ``MODEL.FINETUNE.NEGATIVE_DATASETS`` as background-only images.
 - Evaluation (``TEST.EVAL_PERIOD``, after training, ``--eval-only``) of a retrieval dataset in
   ``DATASETS.TEST`` (``NAME_query``) is retrieval: ``test`` runs a
   :class:`~retrieval_ext.evaluation.retrieval_evaluator.RetrievalEvaluator` that holds the model.
@@ -24,9 +25,11 @@ import os
 import weakref
 
 from detectron2.data import (
+    DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
@@ -37,7 +40,7 @@ from ..evaluation.retrieval_evaluator import RetrievalEvaluator, retrieval_datas
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .freeze import apply_freeze
 
-__all__ = ["RetrievalTrainer", "setup_finetune_cfg"]
+__all__ = ["RetrievalTrainer", "background_dicts", "setup_finetune_cfg"]
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -79,6 +82,27 @@ def setup_finetune_cfg(cfg):
     return cfg
 
 
+def background_dicts(names) -> list:
+    """Training dicts without boxes for the database images of retrieval datasets ``names``:
+    every proposal on them is background (``MODEL.FINETUNE.NEGATIVE_DATASETS``)."""
+    out = []
+    for name in names:
+        if f"{name}_db" not in DatasetCatalog:
+            raise KeyError(
+                f"MODEL.FINETUNE.NEGATIVE_DATASETS: {name!r} is not a registered retrieval "
+                "dataset (built-in, or RETRIEVAL.CUSTOM_DATASETS)"
+            )
+        for d in DatasetCatalog.get(f"{name}_db"):
+            out.append(
+                {
+                    "file_name": d["file_name"],
+                    "image_id": f"{name}/{d['image_id']}",
+                    "annotations": [],
+                }
+            )
+    return out
+
+
 def _retrieval_name_or_none(dataset_name):
     try:
         return retrieval_dataset_name(dataset_name)
@@ -108,7 +132,24 @@ class RetrievalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=RetrievalDatasetMapper(cfg, True))
+        mapper = RetrievalDatasetMapper(cfg, True)
+        negatives = list(cfg.MODEL.FINETUNE.NEGATIVE_DATASETS)
+        if not negatives:
+            return build_detection_train_loader(cfg, mapper=mapper)
+        dicts = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        background = background_dicts(negatives)
+        logger.info(
+            f"fine-tuning on {len(dicts)} images of {list(cfg.DATASETS.TRAIN)} and "
+            f"{len(background)} background-only images of {negatives}"
+        )
+        return build_detection_train_loader(
+            dataset=dicts + background,
+            mapper=mapper,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -121,3 +121,48 @@ def test_unreadable_image_error(tmp_path):
         mapper({"file_name": str(cut), "image_id": "cut"})
     with pytest.raises(UnreadableImageError, match="missing.jpg"):
         mapper({"file_name": str(tmp_path / "missing.jpg"), "image_id": "missing"})
+
+
+def _red_square_dict(tmp_path):
+    arr = np.full((160, 200, 3), 128, np.uint8)
+    arr[50:100, 60:120] = (220, 20, 20)
+    path = str(tmp_path / "square.png")
+    Image.fromarray(arr).save(path)
+    ann = {"bbox": [60, 50, 120, 100], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}
+    return {"file_name": path, "image_id": "sq", "height": 160, "width": 200, "annotations": [ann]}
+
+
+def test_strong_finetune_augmentation_keeps_the_box_on_the_object(tmp_path):
+    """Rotated, zoomed out and recoloured: the box still encloses the object's pixels, tightly."""
+    from retrieval_ext.data.mapper import finetune_augmentations
+
+    d = _red_square_dict(tmp_path)
+    mapper = RetrievalDatasetMapper(
+        is_train=True, augmentations=finetune_augmentations("strong"), image_format="RGB"
+    )
+    shapes = set()
+    for seed in range(24):
+        np.random.seed(seed)
+        out = mapper(dict(d))
+        img = out["image"].permute(1, 2, 0).numpy().astype(int)
+        shapes.add(tuple(img.shape[:2]))
+        red = (img[..., 0] - np.maximum(img[..., 1], img[..., 2])) > 60
+        ys, xs = np.nonzero(red)
+        px = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        (box,) = out["instances"].gt_boxes.tensor.tolist()
+        # every object pixel inside the box (1 px of interpolation at the edges)
+        assert px[0] >= box[0] - 1.5 and px[1] >= box[1] - 1.5, (seed, px, box)
+        assert px[2] <= box[2] + 1.5 and px[3] <= box[3] + 1.5, (seed, px, box)
+        # and the box hugs them: rotating a box's corners gives the rotated square's extent
+        area = (px[2] - px[0]) * (px[3] - px[1])
+        assert (box[2] - box[0]) * (box[3] - box[1]) <= 1.15 * area + 40, (seed, px, box)
+    assert len(shapes) > 3  # rotation with expand and the extent change the canvas
+
+
+def test_finetune_augmentation_names():
+    from retrieval_ext.data.mapper import finetune_augmentations
+
+    assert finetune_augmentations("none") == []
+    assert len(finetune_augmentations("photometric")) == 3
+    with pytest.raises(ValueError, match="MODEL.FINETUNE.AUGMENT.*'heavy'"):
+        finetune_augmentations("heavy")

@@ -280,3 +280,33 @@ def test_eval_only_reports_what_retrieve_py_reports(trained, bench):
             assert set(other[stage]) == set(ours[stage])
             for metric, value in ours[stage].items():
                 assert other[stage][metric] == pytest.approx(value, abs=1e-9, nan_ok=True)
+
+
+def test_negative_datasets_join_training_as_background_only_images(bench):
+    """MODEL.FINETUNE.NEGATIVE_DATASETS: another collection's images, with no boxes, in the
+    fine-tuning batches beside the query images."""
+    neg = "ft_test_negatives"
+    register_custom_dataset(neg, str(bench / "whiten"))
+    try:
+        cfg = setup_finetune_cfg(
+            _cfg(
+                "ZF",
+                ["MODEL.FINETUNE.NEGATIVE_DATASETS", f"['{neg}']", "SOLVER.IMS_PER_BATCH", "4"],
+            )
+        )
+        whiten_files = {d["file_name"] for d in DatasetCatalog.get(f"{neg}_db")}
+        query_files = {d["file_name"] for d in DatasetCatalog.get(f"{NAME}_finetune")}
+        seen = {}
+        loader = iter(RetrievalTrainer.build_train_loader(cfg))
+        for _ in range(12):
+            for x in next(loader):
+                seen[x["file_name"]] = len(x["instances"])
+        negatives = {f: n for f, n in seen.items() if f in whiten_files}
+        positives = {f: n for f, n in seen.items() if f in query_files}
+        assert negatives and positives and set(seen) == set(negatives) | set(positives)
+        assert set(negatives.values()) == {0} and set(positives.values()) == {1}
+    finally:
+        unregister_retrieval_dataset(neg)
+    cfg = setup_finetune_cfg(_cfg("ZF", ["MODEL.FINETUNE.NEGATIVE_DATASETS", "['nowhere']"]))
+    with pytest.raises(KeyError, match="nowhere"):
+        RetrievalTrainer.build_train_loader(cfg)
