@@ -337,7 +337,7 @@ def main(argv=None):
                     SCHEDULE[size][strategy],
                     # the configs' step: the last sixth of the schedule at a tenth of the lr
                     "SOLVER.STEPS",
-                    f"({SCHEDULE[size][strategy] - SCHEDULE[size][strategy] // 6},)",
+                    f"({SCHEDULE[size][strategy] - max(1, SCHEDULE[size][strategy] // 6)},)",
                 ]
                 + extra,
                 env,
