@@ -916,7 +916,8 @@ def cmd_scale(args) -> dict:
                 ]
             )
         )
-        kinds = [] if n >= 1000000 and not args.quick else ["ivfpq"]
+        # at 1M the approximate indexes take minutes to build (k-means, PQ, the HNSW graph)
+        kinds = [] if n >= 1000000 and not (args.quick or args.approx_1m) else ["ivfpq"]
         if n <= args.max_hnsw:
             kinds.append("hnsw")
         for kind in kinds:
@@ -1419,6 +1420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=1280, help="vector dimension up to 100k")
     p.add_argument("--dim-1m", type=int, default=256, help="dimension of the 1M row (memory)")
     p.add_argument("--max-hnsw", type=int, default=10000, help="largest db given an HNSW index")
+    p.add_argument(
+        "--approx-1m", action="store_true", help="also build IVF-PQ (and HNSW) for the 1M row"
+    )
     p.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
     p.add_argument("--top-n", type=int, default=100, help="N reranked")
     p.add_argument("--num-proposals", type=int, default=300)
