@@ -139,10 +139,8 @@ class SearchService:
         self.protocol = getattr(self.metadata, "protocol", "")
         db_dicts = get_dataset_dicts(f"{self.dataset}_db")
         self.positions = db_positions(index, db_dicts)  # index position -> dataset db_index
-        self._index_of_db = {int(p): i for i, p in enumerate(self.positions)}
         self.default_top_n = int(engine.searcher.top_n)
         self.default_qe_m = int(engine.searcher.qe_m)
-        self.num_classes = engine.searcher.num_classes
         self.class_names = list(getattr(self.metadata, "thing_classes", []) or [])
         # CS-SR only where the stored class scores are the query objects' (a fine-tuned model)
         self._stages = available_stages(engine.searcher, STAGES, len(self.class_names))
