@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
@@ -885,3 +886,66 @@ def test_concurrent_searches_equal_sequential(client, ui_index, db_ids):
             assert a["relevant"] == b["relevant"]
         assert con["ap"] == seq["ap"]  # same ranking, same arithmetic
         assert con["ground_truth"] == seq["ground_truth"]
+
+
+# -- CS-SR: an index whose detector scores the query objects -------------------------------------
+@pytest.fixture(scope="module")
+def cs_engine(ui_index, tmp_path_factory):
+    """The same model with a 3-class predictor (freshly initialised: loading the saved 80-class
+    one skips it), indexed again: its stored class scores are the query objects', so CS-SR
+    applies. The probabilities mean nothing; what the API does with them is tested."""
+    from detectron2.config import get_cfg
+
+    from retrieval_ext.config import add_retrieval_config
+    from retrieval_ext.retrieval import pipeline
+    from retrieval_ext.retrieval.extractor import FeatureExtractor
+
+    tmp = tmp_path_factory.mktemp("cs_index")
+
+    def cfg_with(*opts):
+        cfg = get_cfg()
+        add_retrieval_config(cfg)
+        cfg.merge_from_file(ui_index.config_file)
+        cfg.merge_from_list(ui_index.opts + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"] + list(opts))
+        cfg.freeze()
+        return cfg
+
+    # saved once, so that indexing and searching load the same fresh predictor
+    model = FeatureExtractor(cfg_with()).model
+    torch.save({"model": model.state_dict()}, tmp / "cs.pth")
+    cfg = cfg_with(
+        "MODEL.WEIGHTS",
+        str(tmp / "cs.pth"),
+        "RETRIEVAL.INDEX_DIR",
+        str(tmp / "index"),
+        "OUTPUT_DIR",
+        str(tmp / "out"),
+    )
+    pipeline.prepare_index(cfg, FeatureExtractor(cfg), cfg.RETRIEVAL.DATASET, str(tmp / "index"))
+    return InstanceSearch(cfg)
+
+
+def test_cs_sr_is_offered_with_the_query_objects_as_classes(cs_engine, ui_index):
+    with TestClient(create_app(SearchService(cs_engine))) as c:
+        info = c.get("/api/info").json()
+        objects = sorted({q["object"] for q in ui_index.queries})
+        assert info["stages"] == NON_CS_STAGES + ["cs_sr", "cs_sr_qe"]
+        assert info["class_names"] == objects
+        entry = ui_index.queries[2]
+        k = objects.index(entry["object"])
+        res = _search(c, **_query_body(ui_index, 2, stage="cs_sr_qe", top_k=12, class_id=k))
+        assert list(res["latency_ms"]) == ["extraction", "filtering", "cs_sr", "cs_sr_qe"]
+        assert set(res["ap"]) == {"filtering", "cs_sr", "cs_sr_qe"}
+        ref = cs_engine.query(
+            str(ui_index.root / entry["image"]),
+            entry["box"],
+            stage="cs_sr_qe",
+            top_k=12,
+            class_id=k,
+        )
+        assert [h["image_id"] for h in res["results"]] == [h.image_id for h in ref]
+        assert [h["score"] for h in res["results"]] == pytest.approx([h.score for h in ref])
+        for change, mentions in [({}, "class_id"), ({"class_id": 3}, "obj02")]:
+            body = dict(_query_body(ui_index, 2, stage="cs_sr"), **change)
+            r = c.post("/api/search", json=body)
+            assert r.status_code == 400 and mentions in r.json()["detail"], r.text
