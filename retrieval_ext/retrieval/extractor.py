@@ -30,7 +30,24 @@ logger = logging.getLogger("retrieval_ext")
 
 # Config subtrees that change the stored features: an index built under other values is refused.
 _FEATURE_CONFIG_KEYS = ("MODEL", "INPUT")
-_IGNORED_MODEL_KEYS = ("DEVICE", "WEIGHTS")
+# not part of what the network computes: where it runs, the weights file (hashed as tensors
+# instead) and the fine-tuning settings (what training did is in the weights)
+_IGNORED_MODEL_KEYS = ("DEVICE", "WEIGHTS", "FINETUNE")
+
+
+def comparable_model_config(text: str):
+    """A stored ``model_config`` as the values to compare: parsed YAML without the ignored keys.
+
+    Indexes written before a key joined ``_IGNORED_MODEL_KEYS`` (or before a fine-tuning option
+    existed) hold it in their text; it must not make them look built by another model.
+    """
+    import yaml
+
+    values = yaml.safe_load(text)
+    if isinstance(values, dict) and isinstance(values.get("MODEL"), dict):
+        for k in _IGNORED_MODEL_KEYS:
+            values["MODEL"].pop(k, None)
+    return values
 
 
 def weights_hash(model: torch.nn.Module) -> str:

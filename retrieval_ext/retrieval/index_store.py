@@ -255,13 +255,15 @@ def _jsonable(x):
         return repr(x)
 
 
-def _comparable(key: str, x):
+def _comparable(key: str, x, normalize=None):
     """The form in which a manifest value is compared.
 
     Config dumps (keys ending in ``_config``) are compared as parsed YAML: a config re-loaded from
     the ``config.yaml`` a run saved dumps the same values without the anchors (``&id001``) that
     shared lists get, and must still match the index it built.
     """
+    if normalize and key in normalize and isinstance(x, str):
+        return _jsonable(normalize[key](x))
     if key.endswith("_config") and isinstance(x, str):
         try:
             return _jsonable(yaml.safe_load(x))
@@ -299,7 +301,12 @@ def _describe_difference(key: str, stored, expected) -> str:
     )
 
 
-def check_manifest_compatible(stored: dict, expected: dict, keys: Optional[Sequence[str]] = None):
+def check_manifest_compatible(
+    stored: dict,
+    expected: dict,
+    keys: Optional[Sequence[str]] = None,
+    normalize: Optional[Dict[str, Callable]] = None,
+):
     """Raise unless ``stored`` and ``expected`` agree on ``keys``.
 
     Values are compared after a JSON round trip (so tuples equal lists), config dumps as parsed
@@ -310,6 +317,9 @@ def check_manifest_compatible(stored: dict, expected: dict, keys: Optional[Seque
         stored: manifest of an existing index (the caller's dict, e.g. ``reader.manifest``).
         expected: manifest the caller is about to write or search with.
         keys: keys to compare; ``None`` compares the union of both dicts' keys.
+        normalize: {key: function of a stored string value -> the values to compare}, for keys
+            whose text may differ without a difference that matters (e.g. a config dump with
+            keys that do not affect the features).
 
     Raises:
         IndexMismatchError: naming each differing key with both values (long texts such as a
@@ -321,7 +331,9 @@ def check_manifest_compatible(stored: dict, expected: dict, keys: Optional[Seque
     for key in keys:
         a = stored.get(key, _MISSING)
         b = expected.get(key, _MISSING)
-        if (a is _MISSING) != (b is _MISSING) or _comparable(key, a) != _comparable(key, b):
+        if (a is _MISSING) != (b is _MISSING) or _comparable(key, a, normalize) != _comparable(
+            key, b, normalize
+        ):
             bad.append(key)
             diffs.append(_describe_difference(key, a, b))
     if bad:
@@ -980,9 +992,11 @@ class IndexReader:
                         f"shard {d} row {row} does not hold image {self.image_ids[i]!r}"
                     )
 
-    def check_compatible(self, expected: dict, keys: Optional[Sequence[str]] = None):
+    def check_compatible(
+        self, expected: dict, keys: Optional[Sequence[str]] = None, normalize=None
+    ):
         """:func:`check_manifest_compatible` of this index's manifest against ``expected``."""
-        check_manifest_compatible(self.manifest, expected, keys)
+        check_manifest_compatible(self.manifest, expected, keys, normalize)
 
     def index_of(self, image_id: str) -> int:
         """Position of ``image_id`` in :attr:`image_ids` (KeyError if not stored)."""

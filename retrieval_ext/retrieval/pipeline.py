@@ -23,7 +23,7 @@ from ..data.datasets.common import UnknownDatasetError, get_retrieval_metadata
 from ..evaluation.evaluator import NoGroundTruthError, db_positions, evaluate_stages
 from ..utils.io import atomic_write
 from .compression import COMPRESSION_FILE, RegionCompression
-from .extractor import FeatureExtractor
+from .extractor import FeatureExtractor, comparable_model_config
 from .faiss_search import FaissParams
 from .index_store import (
     FieldSpec,
@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("retrieval_ext")
+# how stored manifest values are compared with the current model's (see comparable_model_config)
+MANIFEST_NORMALIZERS = {"model_config": comparable_model_config}
 
 
 def register_config_datasets(cfg) -> List[str]:
@@ -172,7 +174,7 @@ def build_index(
         manifest = dict(manifest, region_compression=compression.describe())
     if (Path(index_dir) / "manifest.json").is_file():
         index = IndexReader(index_dir)
-        index.check_compatible(manifest)
+        index.check_compatible(manifest, normalize=MANIFEST_NORMALIZERS)
         if index.info["image_list"] == image_list:
             logger.info(f"index {index_dir} is complete ({index.num_images} images), reused")
             return index
@@ -259,7 +261,7 @@ def open_index(index_dir: str, extractor: Optional[FeatureExtractor], dataset: s
     index = IndexReader(index_dir)
     if extractor is not None:
         expected = index_manifest(extractor, dataset)
-        index.check_compatible(expected, keys=list(expected))
+        index.check_compatible(expected, keys=list(expected), normalize=MANIFEST_NORMALIZERS)
     return index
 
 

@@ -556,3 +556,33 @@ def test_a_config_reloaded_from_its_saved_yaml_still_matches_its_index(tmp_path)
     again.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
     with pytest.raises(IndexMismatchError, match="model_config"):
         check_manifest_compatible(built, model_fingerprint(again, model))
+
+
+def test_fine_tuning_settings_do_not_make_an_index_foreign(tmp_path):
+    """MODEL.FINETUNE (strategy, augmentation, ...) says how weights were trained, not what the
+    network computes: an index stays usable when those keys change or new ones appear (indexes
+    written before held them in their config text), while a feature-shaping key still counts."""
+    from retrieval_ext.retrieval.extractor import model_fingerprint
+    from retrieval_ext.retrieval.pipeline import MANIFEST_NORMALIZERS
+    from tests.common import tiny_cfg, tiny_model
+
+    model = tiny_model("ZF")
+    now = model_fingerprint(tiny_cfg("ZF"), model)
+    assert "FINETUNE" not in now["model_config"]
+    # as an index written before FINETUNE was ignored stores it
+    cfg = tiny_cfg("ZF", ["MODEL.FINETUNE.STRATEGY", "ft2"])
+    old_text = now["model_config"].replace("MODEL:\n", "MODEL:\n" + _finetune_dump(cfg) + "\n", 1)
+    old = dict(now, model_config=old_text)
+    assert "FINETUNE" in old["model_config"]
+    with pytest.raises(IndexMismatchError):
+        check_manifest_compatible(old, now)
+    check_manifest_compatible(old, now, normalize=MANIFEST_NORMALIZERS)
+    other = model_fingerprint(tiny_cfg("ZF", ["MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "5"]), model)
+    with pytest.raises(IndexMismatchError, match="model_config"):
+        check_manifest_compatible(old, other, normalize=MANIFEST_NORMALIZERS)
+
+
+def _finetune_dump(cfg):
+    # the MODEL.FINETUNE block indented as inside the MODEL: section of a fingerprint
+    lines = cfg.MODEL.FINETUNE.dump().splitlines()
+    return "\n".join(["  FINETUNE:"] + ["    " + line for line in lines])
