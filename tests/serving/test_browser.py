@@ -239,6 +239,20 @@ def test_pick_a_query_draw_its_box_and_find_the_instance(browser, server, ui_ind
     _screenshot(page, tmp_path / "serve_viewer.png")
     page.keyboard.press("Escape")
     assert page.locator("#viewer").is_hidden()
+
+    # the located object of a result becomes the next query
+    page.locator(".hit").first.click()
+    caption = page.text_content("#viewer-caption")
+    located = [float(v) for v in re.search(r"located at \[([^\]]+)\]", caption).group(1).split(",")]
+    page.click("#viewer-search")
+    page.wait_for_function(
+        f"document.getElementById('query-title').textContent.includes('{hits[0]['image_id']}')"
+    )
+    page.wait_for_function("!document.getElementById('summary').textContent.includes('searching')")
+    assert _box_fields(page) == pytest.approx(located, abs=0.51)  # the fields show whole pixels
+    again = _hits(page)
+    # a database image queried with a region of its own: it is among the first results
+    assert hits[0]["image_id"] in [h["image_id"] for h in again[:3]]
     page.close()
 
 

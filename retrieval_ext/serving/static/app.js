@@ -381,6 +381,15 @@ function openViewer(hit) {
   const where = hit.box ? ` located at [${hit.box.map((v) => Math.round(v)).join(", ")}]` : "";
   const score = hit.score === null ? "not scored" : `score ${hit.score.toFixed(4)}`;
   $("viewer-caption").textContent = `#${hit.rank} ${hit.image_id} ${score}${where}`;
+  // the located object becomes the next query (the same stages, N and M)
+  const again = $("viewer-search");
+  again.hidden = !hit.box;
+  again.onclick = () => {
+    $("viewer").hidden = true;
+    const item = { source: "db", id: hit.id, width: hit.width, height: hit.height };
+    selectQuery({ ...item, image_id: hit.image_id }, hit.box);
+    search();
+  };
   $("viewer").hidden = false;
 }
 
