@@ -44,8 +44,6 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from ..utils.io import fsync_dir
-
 try:
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX platforms run without the rank lock
@@ -347,6 +345,21 @@ def check_manifest_compatible(
 # ----------------------------------------------------------------------------------------------
 # Small durable-I/O helpers
 # ----------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path):
+    # utils.io has the same helper; this module imports nothing of the package so that it loads
+    # as a single file (the SIGKILL-and-resume test runs it so in a child process)
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_bytes_synced(path: Path, data: bytes):
     with open(path, "wb") as f:
         f.write(data)
@@ -371,7 +384,7 @@ def _atomic_write_json(path: Path, obj):
     try:
         _write_bytes_synced(tmp, _json_bytes(obj))
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     except OSError as e:
         try:
             tmp.unlink()
@@ -533,7 +546,7 @@ class IndexWriter:
                 except OSError:
                     if not path.exists():
                         os.replace(tmp, path)
-                fsync_dir(self.root)
+                _fsync_dir(self.root)
             except OSError as e:
                 raise IndexWriteError(f"cannot write {path}: {e.strerror or e}") from e
             finally:
@@ -755,9 +768,9 @@ class IndexWriter:
                 "shapes": {n: list(s) for n, s in self._shapes.items()},
             }
             _write_bytes_synced(tmp / "meta.json", _json_bytes(meta))  # last: marks completeness
-            fsync_dir(tmp)
+            _fsync_dir(tmp)
             os.replace(tmp, final)
-            fsync_dir(self._shards_dir)
+            _fsync_dir(self._shards_dir)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise IndexWriteError(

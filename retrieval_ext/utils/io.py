@@ -23,7 +23,6 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_dir",
-    "fsync_dir",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -71,8 +70,7 @@ def _fsync_file(path: Path):
         os.close(fd)
 
 
-def fsync_dir(path: PathLike):
-    """Make a rename or creation inside ``path`` durable; a no-op where the OS refuses."""
+def _fsync_dir(path: Path):
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -119,7 +117,7 @@ def atomic_write(path: PathLike, writer_fn: Callable[[str], object]) -> str:
             raise OSError(errno.EIO, f"the writer did not create {tmp}")
         _fsync_file(tmp)
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     except OSError as e:
         _remove(tmp)
         raise OutputWriteError(path, e) from e
@@ -193,7 +191,7 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
             if had_old:
                 os.replace(old, path)
             raise
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
         if had_old:
             _remove(old)
     except OSError as e:
