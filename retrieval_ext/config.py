@@ -3,9 +3,46 @@
 Call :func:`add_retrieval_config` on a fresh ``get_cfg()`` before ``merge_from_file``.
 """
 
+import torch
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_retrieval_config"]
+__all__ = ["add_retrieval_config", "default_device", "check_device", "DeviceUnavailableError"]
+
+
+class DeviceUnavailableError(ValueError):
+    """``MODEL.DEVICE`` names a device this machine does not have; the message says the fix."""
+
+
+def default_device() -> str:
+    """``"cuda"`` when PyTorch sees a CUDA device, else ``"cpu"``: the default of MODEL.DEVICE."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(cfg) -> str:
+    """The device ``cfg.MODEL.DEVICE`` asks for, refused when this machine cannot run it.
+
+    Returns:
+        the device string, e.g. ``"cpu"`` or ``"cuda:1"``.
+
+    Raises:
+        DeviceUnavailableError: CUDA asked for without a usable CUDA device; the one-line message
+            names the key and the fix.
+    """
+    device = str(cfg.MODEL.DEVICE)
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"MODEL.DEVICE is {device!r} but no CUDA device is available on this machine: "
+                "add `MODEL.DEVICE cpu` to the command (or leave MODEL.DEVICE out of the config "
+                "to pick CUDA when present, else the CPU)"
+            )
+        index = device.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"MODEL.DEVICE is {device!r} but this machine has {torch.cuda.device_count()} "
+                "CUDA device(s): set MODEL.DEVICE to cuda:0 ... or cpu"
+            )
+    return device
 
 
 def add_retrieval_config(cfg):
@@ -15,6 +52,9 @@ def add_retrieval_config(cfg):
         cfg (CfgNode): a detectron2 config, usually ``detectron2.config.get_cfg()``.
     """
     _C = cfg
+    # detectron2's default is "cuda", which fails on a CPU-only machine: when a config does not
+    # name a device, use CUDA if PyTorch sees one, else the CPU (tools log which)
+    _C.MODEL.DEVICE = default_device()
 
     # ---------------------------------------------------------------- model: features for retrieval
     _C.MODEL.RETRIEVAL = CN()

@@ -1,6 +1,6 @@
 """Helpers shared by the tests: tiny configs and models, synthetic inputs, fixture paths."""
 
-import os
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +13,8 @@ from retrieval_ext.config import add_retrieval_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
-# The real ground-truth fixtures live in ../shared/data beside the checkout (CI lays them there).
-SHARED_DATA = Path(
-    os.environ.get("RETRIEVAL_EXT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")
-)
+# Small real files (Oxford / Paris ground truth, 10 real Oxford photos): see fixtures/README.md.
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 
 def tiny_cfg(name="R50-C4", opts=()):
@@ -67,3 +65,24 @@ def written_out_ap(ranked_ids, positives, junk):
             ap += (recall - old_recall) * (old_precision + precision) / 2
         old_recall, old_precision = recall, precision
     return ap
+
+
+def _refuse_constant(token):
+    raise ValueError(f"{token} is not JSON")
+
+
+def load_strict_json(path):
+    """Parse a JSON file as a strict parser would: NaN, Infinity and -Infinity are refused."""
+    return json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
+
+
+def written_out_iou(a, b):
+    """IoU of two XYXY boxes, written out independently of retrieval_ext.evaluation.metrics;
+    a box with a NaN coordinate (no box) gives 0."""
+    if any(v != v for v in list(a) + list(b)):
+        return 0.0
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -193,7 +193,8 @@ def run_single_search(cfg, args):
         {"query": args.query_image, "box": args.query_box, "stage": stage, "hits": rows},
     )
     for h in hits:
-        print(f"{h.rank:3d}  {h.score:8.4f}  {h.image_id}  box={h.box}")
+        score = "unscored" if h.score is None else f"{h.score:8.4f}"
+        print(f"{h.rank:3d}  {score}  {h.image_id}  box={h.box}")
     return hits
 
 

@@ -6,7 +6,7 @@
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tabulate import tabulate
@@ -50,8 +50,12 @@ def judged_sets(protocol: str, g: dict) -> Tuple[Set[int], Set[int]]:
 
 
 def evaluate_stages(
-    results: Dict[str, list], metadata, positions: np.ndarray, loc_top_k: int = 10
-) -> Dict[str, Dict[str, float]]:
+    results: Dict[str, list],
+    metadata,
+    positions: np.ndarray,
+    loc_top_k: int = 10,
+    query_names: Optional[Sequence[str]] = None,
+) -> Dict[str, Dict[str, Optional[float]]]:
     """Metrics of every stage.
 
     Args:
@@ -59,12 +63,17 @@ def evaluate_stages(
         metadata: the dataset's metadata (``protocol``, ``gnd``, ``db_shots`` for INS).
         positions: from :func:`db_positions`.
         loc_top_k: top-k results over which localisation is measured.
+        query_names: names of the queries (in ``gnd`` order) for the warning that lists those
+            without a positive image.
 
     Returns:
         {stage: {metric: value}}. Oxford/Paris/custom: ``mAP``; Revisited: ``mAP_easy``,
         ``mAP_medium``, ``mAP_hard`` and ``mP@k_<protocol>``; INS: ``mAP`` over shots; where the
         ground truth has database boxes and the stage locates the object: ``mean_iou`` and
-        ``frac_iou@0.5`` over the true positives in the top ``loc_top_k``.
+        ``frac_iou@0.5`` over the true positives in the top ``loc_top_k``. Queries without a
+        positive are left out of every mean and counted in ``queries_without_positives``
+        (``..._easy`` / ``_medium`` / ``_hard`` for Revisited). A metric with nothing to average
+        is None, never NaN.
 
     Raises:
         NoGroundTruthError: the dataset has no relevance judgements.
@@ -76,24 +85,28 @@ def evaluate_stages(
             "files): search and visualisation work, but there is nothing to score"
         )
     protocol = metadata.protocol
-    out: Dict[str, Dict[str, float]] = OrderedDict()
+    _warn_queries_without_positives(metadata, gnd, query_names)
+    out: Dict[str, Dict[str, Optional[float]]] = OrderedDict()
     for stage, per_query in results.items():
         if len(per_query) != len(gnd):
             raise ValueError(f"stage {stage}: {len(per_query)} results for {len(gnd)} queries")
         rankings = [positions[r.order] for r in per_query]
-        scores: Dict[str, float] = OrderedDict()
+        scores: Dict[str, Optional[float]] = OrderedDict()
         if protocol == "revisited":
             rev = metrics.revisited_map(rankings, gnd)
             for level in ("easy", "medium", "hard"):
                 for k, v in rev[level].items():
                     if k != "aps":
-                        scores[f"{k}_{level}"] = float(v)
-        elif protocol == "ins":
-            shots = metadata.db_shots
-            relevant = [g["relevant_shots"] for g in gnd]
-            scores["mAP"] = float(metrics.ins_map(rankings, shots, relevant)["mAP"])
+                        scores[f"{k}_{level}"] = _finite(v)
+                scores[f"{UNSCORED}_{level}"] = int(np.isnan(rev[level]["aps"]).sum())
         else:
-            scores["mAP"] = float(metrics.oxford_paris_map(rankings, gnd)["mAP"])
+            if protocol == "ins":
+                relevant = [g["relevant_shots"] for g in gnd]
+                res = metrics.ins_map(rankings, metadata.db_shots, relevant)
+            else:
+                res = metrics.oxford_paris_map(rankings, gnd)
+            scores["mAP"] = _finite(res["mAP"])
+            scores[UNSCORED] = int(np.isnan(res["aps"]).sum())
         has_boxes = all("boxes" in g for g in gnd)
         if has_boxes and per_query and per_query[0].top_n > 0:
             loc = metrics.localisation_metrics(
@@ -106,20 +119,55 @@ def evaluate_stages(
                 [judged_sets(protocol, g)[0] for g in gnd],
                 top_k=loc_top_k,
             )
-            scores["mean_iou"] = float(loc["mean_iou"])
-            scores["frac_iou@0.5"] = float(loc["frac_iou@0.5"])
+            scores["mean_iou"] = _finite(loc["mean_iou"])
+            scores["frac_iou@0.5"] = _finite(loc["frac_iou@0.5"])
         out[stage] = scores
     return out
 
 
+# results key: queries left out of the mean because the ground truth gives them no positive
+UNSCORED = "queries_without_positives"
+
+
+def _finite(x) -> Optional[float]:
+    """``float(x)``, or None where it is undefined (NaN / infinite): results files are strict
+    JSON, and "undefined" must not read as a number."""
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _warn_queries_without_positives(metadata, gnd, query_names):
+    """Names, once, the queries whose judgements hold no positive (left out of every mean)."""
+    if metadata.protocol == "revisited":
+        return  # the protocol itself leaves some levels empty (e.g. no easy image)
+    if metadata.protocol == "ins":
+        empty = [i for i, g in enumerate(gnd) if not g["relevant_shots"]]
+    else:
+        empty = [i for i, g in enumerate(gnd) if not judged_sets(metadata.protocol, g)[0]]
+    if empty:
+        names = [query_names[i] if query_names else f"query {i}" for i in empty]
+        logger.warning(
+            f"{len(empty)} of {len(gnd)} queries of {metadata.name} have no positive image in "
+            f"the ground truth and are left out of every mean ({UNSCORED} in the results): "
+            + ", ".join(map(str, names[:20]))
+            + (" ..." if len(names) > 20 else "")
+        )
+
+
+def _cell(column: str, value) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    if column.startswith(UNSCORED):
+        return str(int(value))
+    return f"{100 * value:.2f}"
+
+
 def format_table(results: Dict[str, Dict[str, float]], title: str = "") -> str:
-    """A table with one row per stage and one column per metric (values in percent)."""
+    """A table with one row per stage and one column per metric (rates in percent, counts as
+    they are; "-" where a metric is undefined)."""
     columns: List[str] = []
     for scores in results.values():
         columns += [c for c in scores if c not in columns]
-    rows = [
-        [stage] + [f"{100 * s[c]:.2f}" if c in s and np.isfinite(s[c]) else "-" for c in columns]
-        for stage, s in results.items()
-    ]
+    rows = [[stage] + [_cell(c, s.get(c)) for c in columns] for stage, s in results.items()]
     table = tabulate(rows, headers=["stage"] + columns, tablefmt="pipe")
     return f"{title}\n{table}" if title else table

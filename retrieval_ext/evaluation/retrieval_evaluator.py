@@ -212,7 +212,7 @@ class RetrievalEvaluator(DatasetEvaluator):
 
         Returns:
             On the main process ``OrderedDict({"NAME/stage": {metric: value}})`` (empty
-            without ground truth); ``{}`` on other ranks.
+            without ground truth; undefined metrics left out); ``{}`` on other ranks.
         """
         queries = self._gathered_queries()
         work_dir = self.work_dir()
@@ -223,4 +223,8 @@ class RetrievalEvaluator(DatasetEvaluator):
             os.makedirs(work_dir)
         comm.synchronize()
         scores = evaluate_retrieval(self._cfg, self._model, self._dataset, work_dir, queries)
-        return OrderedDict((f"{self._dataset}/{stage}", s) for stage, s in scores.items())
+        # detectron2's EvalHook takes floats only: an undefined metric (None) is left out
+        return OrderedDict(
+            (f"{self._dataset}/{stage}", {k: v for k, v in s.items() if v is not None})
+            for stage, s in scores.items()
+        )

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 from detectron2.config import get_cfg
 
-from ..config import add_retrieval_config
+from ..config import add_retrieval_config, check_device
 from ..data.boxes import validate_box
 from ..data.mapper import read_image
 from .extractor import FeatureExtractor
@@ -39,7 +39,8 @@ class SearchHit:
     Attributes:
         rank: 1-based position in the ranking.
         image_id, file_name: the database image.
-        score: the stage's score (cosine similarity, or class probability for CS-SR).
+        score: the stage's score (cosine similarity, or class probability for CS-SR); None for
+            an image the stage left unscored (after an approximate filtering's top K).
         box: (4,) XYXY box locating the object in the image's original pixels, or None when the
             stage does not locate (filtering stages, results after the reranked top N).
     """
@@ -47,7 +48,7 @@ class SearchHit:
     rank: int
     image_id: str
     file_name: str
-    score: float
+    score: Optional[float]
     box: Optional[List[float]]
 
 
@@ -57,9 +58,13 @@ class InstanceSearch:
     Args:
         cfg: a frozen retrieval_ext config whose ``RETRIEVAL.INDEX_DIR`` (or
             ``OUTPUT_DIR/index``) holds an index of ``RETRIEVAL.DATASET`` built with the same model.
+
+    Raises:
+        DeviceUnavailableError (a ValueError): ``MODEL.DEVICE`` names a device this machine lacks.
     """
 
     def __init__(self, cfg):
+        check_device(cfg)
         self.cfg = cfg
         register_config_datasets(cfg)
         self.extractor = FeatureExtractor(cfg)
@@ -151,5 +156,6 @@ class InstanceSearch:
         ):
             box = [float(v) for v in b] if np.all(np.isfinite(b)) else None
             i = int(i)
-            out.append(SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], float(s), box))
+            score = float(s) if np.isfinite(s) else None
+            out.append(SearchHit(r + 1, self.index.image_ids[i], self.file_names[i], score, box))
         return out

@@ -631,6 +631,7 @@ def score_run(cfg, run: SearchRun) -> Optional[Dict[str, Dict[str, float]]]:
             run.metadata,
             db_positions(run.index, db),
             loc_top_k=cfg.RETRIEVAL.LOC_TOP_K,
+            query_names=[q["image_id"] for q in run.queries],
         )
     except NoGroundTruthError as e:
         logger.warning(str(e))

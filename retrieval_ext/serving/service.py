@@ -414,7 +414,7 @@ class SearchService:
                     "id": i,
                     "image_id": hit.image_id,
                     # None: not scored (after the FILTER_TOP_K an approximate filter returns)
-                    "score": hit.score if np.isfinite(hit.score) else None,
+                    "score": hit.score,
                     "box": hit.box,
                     "width": w,
                     "height": h,

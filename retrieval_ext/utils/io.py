@@ -141,9 +141,11 @@ def atomic_write_json(path: PathLike, obj, indent: int = 2) -> str:
     """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_write`).
 
     The object is serialised before anything touches the disk, so an unserialisable value raises
-    TypeError with the target untouched.
+    TypeError, and NaN or infinity (not JSON: strict parsers refuse the bare tokens) ValueError,
+    with the target untouched. Write None where a number is undefined.
     """
-    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
 
 
 @contextmanager

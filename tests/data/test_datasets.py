@@ -1,6 +1,6 @@
 """Retrieval dataset loaders and their registration.
 
-Oxford / Paris tests use the real ground truth of /work/shared/data with tiny stand-in images
+Oxford / Paris tests use the real ground truth of tests/fixtures with tiny stand-in images
 (the photos are not available offline); revisited, INS 2013 and custom tests build fixtures.
 Expected values are derived here from the raw files, independently of the loaders.
 """
@@ -33,8 +33,9 @@ from retrieval_ext.data.datasets import (
 from retrieval_ext.data.datasets.builtin import BUILTIN_RETRIEVAL_DATASETS, register_all_retrieval
 from retrieval_ext.data.datasets.common import get_datasets_root
 from retrieval_ext.data.datasets.revisited import infer_query_landmarks
+from tests.common import FIXTURES
 
-DATA = "/work/shared/data"
+DATA = str(FIXTURES)
 PARIS_SRC = os.path.join(DATA, "paris6k")
 OXFORD_SRC = os.path.join(DATA, "oxford5k")
 # https://www.robots.ox.ac.uk/~vgg/data/parisbuildings/corrupt.txt, typed from that list
@@ -47,11 +48,6 @@ CORRUPT = [
     "paris_sacrecoeur_000353", "paris_triomphe_000662", "paris_triomphe_000833",
     "paris_triomphe_000863", "paris_triomphe_000867",
 ]  # fmt: skip
-
-needs_data = pytest.mark.skipif(
-    not os.path.isdir(PARIS_SRC) or not os.path.isdir(OXFORD_SRC),
-    reason="real ground-truth fixtures of /work/shared/data not present",
-)
 
 
 def _tiny_jpeg(w=8, h=8, color=(120, 60, 30)):
@@ -131,7 +127,6 @@ def paris_root(tmp_path_factory):
     return str(root)
 
 
-@needs_data
 def test_paris_txt_counts_and_corrupt_warning(paris_root, capture):
     data = load_oxford_paris(paris_root, "paris6k", gt_format="txt")
     gt = _paris_txt_gt()
@@ -160,7 +155,6 @@ def test_paris_txt_counts_and_corrupt_warning(paris_root, capture):
         assert {names[j] for j in g["junk"]} == junk
 
 
-@needs_data
 def test_paris_txt_and_pkl_agree(paris_root):
     txt = load_oxford_paris(paris_root, "paris6k", gt_format="txt")
     pkl = load_oxford_paris(paris_root, "paris6k", gt_format="pkl")
@@ -185,7 +179,6 @@ def test_paris_txt_and_pkl_agree(paris_root):
     assert by_name(txt) == by_name(pkl)
 
 
-@needs_data
 def test_paris_finetune_dicts(paris_root):
     data = load_oxford_paris(paris_root, "paris6k", gt_format="pkl")
     ft = data.finetune
@@ -242,7 +235,6 @@ def oxford_root(tmp_path_factory):
     return str(root), gt
 
 
-@needs_data
 def test_oxford_pkl_and_txt(oxford_root, capture):
     root, gt = oxford_root
     pkl = load_oxford_paris(root, "oxford5k", gt_format="pkl")
@@ -280,7 +272,6 @@ def test_oxford_pkl_and_txt(oxford_root, capture):
     assert checked == 2 * len(samples)
 
 
-@needs_data
 def test_query_landmark_majority_vote_on_real_gt():
     """The landmark voted by the positives' names is the text files' landmark (Paris) and the
     pickles' construction order, 5 queries per landmark in name order (Oxford)."""
@@ -528,6 +519,27 @@ def test_custom_without_relevance_and_errors(tmp_path):
     (root / "relevance.json").write_text(json.dumps({"mug": {"positives": ["images/zz.jpg"]}}))
     with pytest.raises(ValueError, match=r"relevance\.json.*images/zz\.jpg"):
         load_custom(str(root))
+
+
+def test_custom_relevance_typos_are_refused_by_name(tmp_path):
+    """An object name or a key that matches nothing would leave a query without positives
+    (and its AP undefined) silently: refused, naming the entry."""
+    root = _custom_fixture(tmp_path)
+    rel_file = root / "relevance.json"
+    rel_file.write_text(json.dumps({"mugg": {"positives": ["images/sub/c.jpeg"]}}))
+    with pytest.raises(ValueError, match=r"relevance\.json.*'mugg'.*did you mean 'mug'"):
+        load_custom(str(root))
+    rel_file.write_text(json.dumps({"zebra": {"positives": []}, "mug": {}}))
+    with pytest.raises(ValueError, match=r"named by no query.*'zebra'") as e:
+        load_custom(str(root))
+    assert "did you mean" not in str(e.value)
+    rel_file.write_text(json.dumps({"mug": {"positive": ["images/sub/c.jpeg"]}}))
+    with pytest.raises(ValueError, match=r"object 'mug': unknown keys \['positive'\]"):
+        load_custom(str(root))
+    # an object listed with no positives is valid input: that query is reported, not refused
+    rel_file.write_text(json.dumps({"mug": {"positives": []}}))
+    gnd = load_custom(str(root)).metadata["gnd"]
+    assert gnd == [{"ok": [], "junk": []}, {"ok": [], "junk": []}]
 
 
 # ----------------------------------------------------------------------------- registration

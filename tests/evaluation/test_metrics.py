@@ -6,7 +6,6 @@ second implementations written below (never from the module itself).
 
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +25,9 @@ from retrieval_ext.evaluation.metrics import (
     ranks_of,
     revisited_map,
 )
+from tests.common import FIXTURES
 
-DATA = Path("/work/shared/data")
+DATA = FIXTURES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,10 +113,7 @@ def brute_force_trec_ap(keyframe_ranking, keyframe_shots, relevant, max_results=
 
 
 def load_gnd(name):
-    path = DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
-    with open(path, "rb") as f:
+    with open(DATA / name, "rb") as f:
         return pickle.load(f)
 
 

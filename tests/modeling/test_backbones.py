@@ -24,7 +24,7 @@ from retrieval_ext.modeling.backbones import (
     WithinChannelLRN,
     convert_lukemelas_efficientnet_lite0,
 )
-from tests.common import SHARED_DATA
+from tests.common import FIXTURES
 
 # Written out from the VGG16 paper (configuration D), not from the module's tables.
 VGG16_STAGE_LAYERS = {
@@ -50,7 +50,7 @@ LITE0_SHAPES = {
 }
 
 INPUT_SIZES = [(64, 96), (48, 80), (96, 64)]
-PHOTOS = sorted((SHARED_DATA / "oxford5k" / "sample_jpg").glob("*.jpg"))
+PHOTOS = sorted((FIXTURES / "oxford5k" / "sample_jpg").glob("*.jpg"))
 
 
 def _cfg(backbone, opts=()):

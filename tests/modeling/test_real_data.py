@@ -1,6 +1,6 @@
 """Real-data sanity: ImageNet EfficientNet-Lite0 IPA groups the real Oxford photos by building.
 
-../shared/data/oxford5k/sample_jpg holds 10 real Oxford 5k query photos: five of Pitt Rivers and
+tests/fixtures/oxford5k/sample_jpg holds 10 real Oxford 5k query photos: five of Pitt Rivers and
 five of the Radcliffe Camera (one of them named bodleian_*). Which photos show the same building
 is read from the official ground truth (gnd_oxford5k.pkl), not from the file names.
 """
@@ -13,14 +13,10 @@ import torch
 from detectron2.modeling import build_model
 
 from retrieval_ext.data.mapper import RetrievalDatasetMapper
-from tests.common import SHARED_DATA, tiny_cfg
+from tests.common import FIXTURES, tiny_cfg
 
-SAMPLES = SHARED_DATA / "oxford5k" / "sample_jpg"
-GND = SHARED_DATA / "oxford5k" / "gnd_oxford5k.pkl"
-
-pytestmark = pytest.mark.skipif(
-    not (SAMPLES.is_dir() and GND.is_file()), reason=f"real fixtures not found under {SHARED_DATA}"
-)
+SAMPLES = FIXTURES / "oxford5k" / "sample_jpg"
+GND = FIXTURES / "oxford5k" / "gnd_oxford5k.pkl"
 
 
 def _same_building(names):

@@ -16,7 +16,13 @@ import torch
 
 from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader
-from tests.common import REPO_ROOT, tiny_model, written_out_ap
+from tests.common import (
+    REPO_ROOT,
+    load_strict_json,
+    tiny_model,
+    written_out_ap,
+    written_out_iou,
+)
 
 TOP_N = 4
 QE_M = 2
@@ -169,9 +175,17 @@ def test_each_stage_ranking_equals_brute_force(run):
         assert list(rk["ca_sr_qe/image_ids"][qi]) == caqe_ids
 
 
+def test_every_json_written_is_strict(run):
+    """No output file holds NaN or Infinity (bare tokens that strict JSON parsers refuse)."""
+    written = sorted(run["out"].rglob("*.json"))
+    assert {"retrieval_results.json", "latency.json", "manifest.json"} <= {p.name for p in written}
+    for path in written:
+        load_strict_json(path)
+
+
 def test_reported_map_matches_ground_truth(run):
     out = run["out"]
-    results = json.loads((out / "retrieval_results.json").read_text())
+    results = load_strict_json(out / "retrieval_results.json")
     assert set(results) == {
         "filtering",
         "filtering_qe",
@@ -189,10 +203,28 @@ def test_reported_map_matches_ground_truth(run):
             junk = {os.path.splitext(p)[0] for p in r.get("junk", [])}
             aps.append(written_out_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
         assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), stage
+        assert metrics["queries_without_positives"] == 0
         if stage.startswith("ca_sr"):
-            assert 0.0 <= metrics["mean_iou"] <= 1.0
-    lat = json.loads((out / "latency.json").read_text())
-    assert set(lat) == set(results) and all(v["median_ms"] >= 0 for v in lat.values())
+            # the true positives in the top 10 (LOC_TOP_K), each scored by its located box's
+            # best IoU with the object's boxes in that image
+            ious = []
+            for qi, qd in enumerate(queries):
+                r = rel[qd["object"]]
+                truth = {os.path.splitext(k)[0]: v for k, v in r.get("boxes", {}).items()}
+                pos = {os.path.splitext(p)[0] for p in r["positives"]}
+                for j, image_id in enumerate(rk[f"{stage}/image_ids"][qi][:10]):
+                    if image_id in pos and image_id in truth:
+                        box = list(rk[f"{stage}/boxes"][qi][j])
+                        ious.append(max(written_out_iou(box, t) for t in truth[image_id]))
+            assert ious, "the tiny benchmark must give localisations to score"
+            assert metrics["mean_iou"] == pytest.approx(np.mean(ious), abs=1e-6), stage
+            assert metrics["frac_iou@0.5"] == pytest.approx(np.mean(np.array(ious) >= 0.5))
+        else:
+            assert "mean_iou" not in metrics  # filtering does not locate
+    lat = load_strict_json(out / "latency.json")
+    assert set(lat) == set(results)
+    for v in lat.values():  # each stage ran for every query: a real, positive duration
+        assert 0 < v["median_ms"] < 60_000 and v["mean_ms"] > 0
 
 
 def test_index_is_reused_and_mismatching_model_is_refused(run):

@@ -19,6 +19,7 @@ Objects sorted by name give the class ids. Without ``relevance.json`` the metada
 
 import copy
 import csv
+import difflib
 import json
 import os
 from typing import Dict, List, Set
@@ -108,6 +109,30 @@ def read_queries(root: str) -> List[dict]:
     return out
 
 
+_RELEVANCE_KEYS = ("positives", "junk", "boxes")
+
+
+def _check_relevance_keys(path: str, rel: dict, objects: List[str]):
+    """Refuse judgements of objects no query names, and unknown keys: a typo there would leave
+    a query without positives, silently."""
+    unknown = sorted(set(rel) - set(objects))
+    if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, objects, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"{path}: {len(unknown)} object(s) named by no query of queries.json/.csv: "
+            + ", ".join(hints)
+        )
+    for obj, entry in rel.items():
+        bad = sorted(set(entry) - set(_RELEVANCE_KEYS)) if isinstance(entry, dict) else []
+        if bad:
+            raise ValueError(
+                f"{path}, object {obj!r}: unknown keys {bad}; allowed: {list(_RELEVANCE_KEYS)}"
+            )
+
+
 def _read_relevance(
     path: str, objects: List[str], rel_to_index: Dict[str, int], skipped: Set[str], root: str
 ) -> Dict[str, dict]:
@@ -119,6 +144,7 @@ def _read_relevance(
             raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(rel, dict):
         raise ValueError(f"{path}: expected {{object: {{positives, junk, boxes}}}}")
+    _check_relevance_keys(path, rel, objects)
 
     def indices(obj, key, names):
         out = []
