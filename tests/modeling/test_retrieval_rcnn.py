@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 
 from tests.common import random_image, tiny_model
@@ -109,10 +110,31 @@ def test_boxes_come_back_in_original_image_coordinates(c4_run):
     torch.testing.assert_close(
         outputs[1]["proposals"].proposal_boxes.tensor, proposals[1][:16].proposal_boxes.tensor
     )
-    det = outputs[0]["instances"]
-    assert det.image_size == (256, 340)
-    if len(det):
-        assert float(det.pred_boxes.tensor[:, 2].max()) <= 340
+    assert outputs[0]["instances"].image_size == (256, 340)
+
+
+def test_detections_come_back_in_original_image_coordinates():
+    """Detections of the one retrieval pass equal detectron2's own inference path
+    (GeneralizedRCNN.inference: roi_heads + detector_postprocess), and are the network-input
+    boxes scaled x2. A zero box regressor (boxes = proposals = anchors, not degenerate) and a
+    score threshold of 0 make the random model detect."""
+    model = tiny_model("R50-C4", ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0])
+    torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.weight)
+    torch.nn.init.zeros_(model.roi_heads.box_predictor.bbox_pred.bias)
+    inputs = _inputs()
+    with torch.no_grad():
+        out = model(inputs)[0]["instances"]
+        ref = GeneralizedRCNN.inference(model, inputs)[0]["instances"]
+        images, features, proposals = _reference(model, inputs)
+        in_frame, _ = model.roi_heads(images, features, proposals)
+    assert len(out) == len(ref) == len(in_frame[0]) > 0
+    torch.testing.assert_close(out.pred_boxes.tensor, ref.pred_boxes.tensor)
+    torch.testing.assert_close(out.scores, ref.scores)
+    assert torch.equal(out.pred_classes, ref.pred_classes)
+    expected = in_frame[0].pred_boxes.tensor * 2.0
+    expected[:, 0::2] = expected[:, 0::2].clamp(0, 340)
+    expected[:, 1::2] = expected[:, 1::2].clamp(0, 256)
+    torch.testing.assert_close(out.pred_boxes.tensor, expected)
 
 
 def test_query_crop_descriptor_is_a_manual_crop_and_pool(c4_run):

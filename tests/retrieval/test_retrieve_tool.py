@@ -183,6 +183,47 @@ def test_every_json_written_is_strict(run):
         load_strict_json(path)
 
 
+def test_global_qe_rpa_query_and_sum_pooling_equal_brute_force(run):
+    """The other forms, on the same index: ca_sr_qe in its global form, the query region through
+    the RoI pooler (QUERY_REGION rpa) and sum-pooled region vectors, recomputed here."""
+    out, variant = run["out"], run["tmp"] / "variant"
+    opts = ["OUTPUT_DIR", str(variant), "RETRIEVAL.INDEX_DIR", str(out / "index")]
+    opts += ["RETRIEVAL.QE_RERANK_MODE", "global", "RETRIEVAL.QUERY_REGION", "rpa"]
+    opts += ["RETRIEVAL.RERANK_POOLING", "sum", "RETRIEVAL.STAGES", "['ca_sr', 'ca_sr_qe']"]
+    proc = _run(["evaluate"] + run["common"] + opts, run["env"], run["tmp"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    index = IndexReader(out / "index")
+    ids = list(index.image_ids)
+    q = np.load(next(variant.glob("queries-synthetic-*.npz")))
+    w = np.load(next(out.glob("whitening-whiten-*.npz")))
+    mean, proj = w["mean"].astype(np.float64), w["projection"].astype(np.float64)
+
+    def filt(x):  # L2 -> whiten -> L2, written out
+        return _l2((_l2(x) - mean) @ proj.T)
+
+    db = filt(index.image_vectors("ipa_sum"))
+    rk = np.load(variant / "rankings.npz")
+
+    def filtering(vec):
+        return _brute_rank([float(db[j] @ vec) for j in range(len(ids))], ids)[0]
+
+    def rerank(vec, ranked):
+        best = []
+        for image_id in ranked[:TOP_N]:
+            regs = index.regions(ids.index(image_id))["rpa_sum"]
+            best.append(max(float(_l2(v) @ vec) for v in regs))
+        return _brute_rank(best, ranked[:TOP_N])[0] + ranked[TOP_N:]
+
+    for qi in range(6):
+        qv = filt(q["ipa_sum"][qi])
+        region = _l2(q["rpa_sum"][qi])  # the box through the RoI pooler, sum-pooled
+        ca = rerank(region, filtering(qv))
+        assert list(rk["ca_sr/image_ids"][qi]) == ca
+        # global form: query IPA + IPA of the CA-SR top M, filtering again, CA-SR of its top N
+        expanded = _l2(qv + db[[ids.index(i) for i in ca[:QE_M]]].sum(axis=0))
+        assert list(rk["ca_sr_qe/image_ids"][qi]) == rerank(region, filtering(expanded))
+
+
 def test_reported_map_matches_ground_truth(run):
     out = run["out"]
     results = load_strict_json(out / "retrieval_results.json")
