@@ -27,6 +27,7 @@ from detectron2.utils import comm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
+from retrieval_ext.data.datasets.catalog import get_dataset_dicts  # noqa: E402
 from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
 from retrieval_ext.evaluation.evaluator import (  # noqa: E402
     db_positions,
@@ -151,7 +152,7 @@ def run_visualize(cfg, run, stage):
     stage = stage or list(results)[-1]
     if stage not in results:
         raise ValueError(f"stage {stage!r} was not run; available: {list(results)}")
-    db = pipeline.get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
+    db = get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
     positions = db_positions(index, db)
     files = {d["db_index"]: d["file_name"] for d in db}
     k = cfg.RETRIEVAL.VIS_TOP_K

@@ -8,7 +8,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import add_retrieval_config
-from ..retrieval import pipeline
+from ..data.datasets.catalog import register_config_datasets
 from ..utils.io import OutputWriteError
 from .trainer import setup_finetune_cfg
 
@@ -39,7 +39,7 @@ def setup_cfg(args):
         raise OutputWriteError(cfg.OUTPUT_DIR, e) from None
     # before setup_finetune_cfg, so that its messages reach OUTPUT_DIR/log.txt
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
-    pipeline.register_config_datasets(cfg)
+    register_config_datasets(cfg)
     # a fine-tuning config: the class count follows the dataset's query objects, as in training
     setup_finetune_cfg(cfg)
     cfg.freeze()

@@ -36,7 +36,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 
 from ..data import RetrievalDatasetMapper, get_retrieval_metadata
-from ..evaluation.retrieval_evaluator import RetrievalEvaluator, retrieval_dataset_name
+from ..data.datasets.catalog import retrieval_dataset_name
+from ..evaluation.retrieval_evaluator import RetrievalEvaluator
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .freeze import apply_freeze
 

@@ -22,45 +22,22 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..data.datasets.catalog import get_dataset_dicts, retrieval_dataset_name
 from ..retrieval import pipeline
 from ..retrieval.extractor import FeatureExtractor, outputs_to_query
 from ..utils.io import atomic_write_json
 from .evaluator import format_table
 
-__all__ = ["RetrievalEvaluator", "evaluate_retrieval", "retrieval_dataset_name"]
+__all__ = ["RetrievalEvaluator", "evaluate_retrieval"]
 
 logger = logging.getLogger("retrieval_ext")
 
 # Dataset-dict fields that identify a query in its record (as pipeline.extract_queries adds them).
 _QUERY_INFO = ("image_id", "file_name", "category_id", "object_name", "query_index")
-
-
-def retrieval_dataset_name(name: str) -> str:
-    """The retrieval dataset ``NAME`` of ``NAME`` or of one of its views.
-
-    Args:
-        name: e.g. ``"oxford5k"``, ``"oxford5k_query"`` or ``"oxford5k_finetune"``.
-
-    Returns:
-        str: ``"oxford5k"``.
-
-    Raises:
-        KeyError: ``name`` is neither a registered retrieval dataset nor one of its views.
-    """
-    registered = DatasetCatalog.list()
-    if f"{name}_query" in registered:
-        return name
-    if name in registered:
-        query_dataset = getattr(MetadataCatalog.get(name), "query_dataset", "")
-        if query_dataset.endswith("_query"):
-            return query_dataset[: -len("_query")]
-    known = sorted(n[: -len("_query")] for n in registered if n.endswith("_query"))
-    raise KeyError(f"{name!r} is not a retrieval dataset or view; registered: {known}")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -197,7 +174,7 @@ class RetrievalEvaluator(DatasetEvaluator):
         records = sorted(
             (q for part in per_rank for q in part), key=lambda q: q.get("query_index", -1)
         )
-        expected = [d["image_id"] for d in pipeline.get_dataset_dicts(f"{self._dataset}_query")]
+        expected = [d["image_id"] for d in get_dataset_dicts(f"{self._dataset}_query")]
         if [q.get("image_id") for q in records] != expected:
             if records:
                 logger.warning(

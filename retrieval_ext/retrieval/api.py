@@ -19,15 +19,10 @@ from detectron2.config import get_cfg
 
 from ..config import add_retrieval_config
 from ..data.boxes import validate_box
+from ..data.datasets.catalog import get_dataset_dicts, register_config_datasets
 from ..data.mapper import read_image
 from .extractor import FeatureExtractor
-from .pipeline import (
-    build_searcher,
-    get_dataset_dicts,
-    load_or_learn_whitening,
-    open_index,
-    register_config_datasets,
-)
+from .pipeline import build_searcher, load_or_learn_whitening, open_index
 
 __all__ = ["SearchHit", "InstanceSearch"]
 

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from ..data.datasets import register_custom_dataset
-from ..data.datasets.common import UnknownDatasetError, get_retrieval_metadata
+from ..data.datasets.catalog import get_dataset_dicts, get_retrieval_metadata, skipped_images
 from ..evaluation.evaluator import NoGroundTruthError, db_positions, evaluate_stages
 from ..utils.io import atomic_write
 from .compression import COMPRESSION_FILE, RegionCompression
@@ -37,8 +35,6 @@ from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 from .search import CS_STAGES, InstanceSearcher, StageResult
 
 __all__ = [
-    "register_config_datasets",
-    "get_dataset_dicts",
     "index_manifest",
     "build_index",
     "open_index",
@@ -56,56 +52,6 @@ __all__ = [
 logger = logging.getLogger("retrieval_ext")
 # how stored manifest values are compared with the current model's (see comparable_model_config)
 MANIFEST_NORMALIZERS = {"model_config": comparable_model_config}
-
-
-def register_config_datasets(cfg) -> List[str]:
-    """Register the custom-format collections of ``cfg.RETRIEVAL.CUSTOM_DATASETS``.
-
-    Returns:
-        the registered names.
-    """
-    names = []
-    for entry in cfg.RETRIEVAL.CUSTOM_DATASETS:
-        name, sep, root = entry.partition("=")
-        if not sep or not name or not root:
-            raise ValueError(
-                f"RETRIEVAL.CUSTOM_DATASETS entry {entry!r} must read name=/path/to/folder"
-            )
-        register_custom_dataset(name.strip(), os.path.expanduser(root.strip()))
-        names.append(name.strip())
-    return names
-
-
-def get_dataset_dicts(name: str) -> List[dict]:
-    """``DatasetCatalog.get(name)`` with clear errors.
-
-    Args:
-        name: a registered view, e.g. ``"oxford5k_db"``.
-
-    Returns:
-        list[dict]: the view's dataset dicts.
-
-    Raises:
-        UnknownDatasetError (a KeyError): ``name`` is not registered; the message lists the
-            registered retrieval datasets.
-        FileNotFoundError: the dataset's folder or ground-truth files are missing; the message
-            names the path and quotes the expected layout (datasets/README.md).
-    """
-    if name not in DatasetCatalog.list():
-        for view in ("_db", "_query", "_finetune"):
-            if name.endswith(view) and f"{name[: -len(view)]}_query" not in DatasetCatalog:
-                raise UnknownDatasetError(name[: -len(view)])
-        raise UnknownDatasetError(name)
-    return DatasetCatalog.get(name)
-
-
-def skipped_images(dataset: str) -> Dict[str, str]:
-    """Database images the loader of ``dataset`` left out as missing or unreadable.
-
-    Returns:
-        {image name: reason}; empty when none were (or the loader does not report them).
-    """
-    return dict(getattr(MetadataCatalog.get(f"{dataset}_db"), "skipped_images", None) or {})
 
 
 def index_manifest(extractor: FeatureExtractor, dataset: str) -> dict:

@@ -32,11 +32,12 @@ import cv2
 import numpy as np
 
 from ..data.boxes import InvalidBoxError, validate_box
-from ..data.datasets.common import get_retrieval_metadata, image_size
+from ..data.datasets.catalog import get_dataset_dicts, get_retrieval_metadata
+from ..data.datasets.common import image_size
 from ..data.mapper import read_image, read_image_bytes
 from ..evaluation import metrics
 from ..evaluation.evaluator import db_positions, judged_sets
-from ..retrieval.pipeline import available_stages, get_dataset_dicts
+from ..retrieval.pipeline import available_stages
 from ..retrieval.search import CS_STAGES, STAGES
 
 __all__ = [

@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_ext.data.datasets import register_custom_dataset, unregister_retrieval_dataset
+from retrieval_ext.data.datasets import (
+    register_config_datasets,
+    register_custom_dataset,
+    unregister_retrieval_dataset,
+)
 from retrieval_ext.retrieval.extractor import FeatureExtractor
 from tests.common import CONFIGS, tiny_cfg, tiny_model
 
@@ -155,7 +159,7 @@ def search_engine(zf, tmp_path_factory):
         str(tmp / "out"),
     ]
     cfg = tiny_cfg("ZF", opts)
-    pipeline.register_config_datasets(cfg)
+    register_config_datasets(cfg)
     extractor = FeatureExtractor(cfg)
     pipeline.build_index(
         extractor,

@@ -7,7 +7,7 @@ from detectron2.data import DatasetCatalog
 from retrieval_ext.config import add_retrieval_config
 from retrieval_ext.data.datasets import get_datasets_root, get_retrieval_metadata
 from retrieval_ext.data.datasets.builtin import register_all_retrieval
-from retrieval_ext.data.datasets.common import UnknownDatasetError
+from retrieval_ext.data.datasets.catalog import UnknownDatasetError, get_dataset_dicts
 from retrieval_ext.retrieval import pipeline
 from retrieval_ext.retrieval.index_store import IndexMismatchError
 from tests.common import tiny_model
@@ -17,7 +17,7 @@ from .conftest import ZF_TINY, make_extractor, pattern_image, register, write_co
 
 def test_unknown_dataset_lists_the_registered_ones(zf, tmp_path):
     for call in (
-        lambda: pipeline.get_dataset_dicts("oxfrod5k_db"),
+        lambda: get_dataset_dicts("oxfrod5k_db"),
         lambda: pipeline.build_index(make_extractor(zf), "oxfrod5k", str(tmp_path / "i")),
         lambda: get_retrieval_metadata("oxfrod5k"),
     ):
@@ -60,7 +60,7 @@ def test_missing_root_and_gt_files_name_the_path_and_layout(tmp_path, registered
     (root / "images").mkdir(parents=True)
     name = register(registered, "rel_noqueries", root)
     with pytest.raises(FileNotFoundError) as e:
-        pipeline.get_dataset_dicts(f"{name}_query")
+        get_dataset_dicts(f"{name}_query")
     msg = str(e.value)
     assert str(root / "queries.json") in msg and "queries.json      [{" in msg
 
