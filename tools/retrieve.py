@@ -33,10 +33,12 @@ from retrieval_ext.evaluation.evaluator import (  # noqa: E402
     db_positions,
     format_table,
     judged_sets,
+    score_run,
 )
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
+from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
 from retrieval_ext.retrieval.search import STAGES  # noqa: E402
 from retrieval_ext.utils.io import atomic_dir, atomic_write, atomic_write_json  # noqa: E402
 from retrieval_ext.utils.visualization import result_strip, write_gallery  # noqa: E402
@@ -73,12 +75,8 @@ def setup(args):
     return setup_cfg(args)
 
 
-def index_dir(cfg):
-    return cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
-
-
 def run_index(cfg, extractor):
-    return pipeline.prepare_index(cfg, extractor, cfg.RETRIEVAL.DATASET, index_dir(cfg))
+    return pipeline.prepare_index(cfg, extractor, cfg.RETRIEVAL.DATASET, index_paths(cfg))
 
 
 def run_search_all(cfg, extractor):
@@ -87,9 +85,7 @@ def run_search_all(cfg, extractor):
     Returns:
         the :class:`pipeline.SearchRun` on the main process, None on other ranks.
     """
-    run = pipeline.search_dataset(
-        cfg, extractor, cfg.RETRIEVAL.DATASET, cfg.OUTPUT_DIR, index_dir(cfg)
-    )
+    run = pipeline.search_dataset(cfg, extractor, cfg.RETRIEVAL.DATASET, index_paths(cfg))
     if run is not None:
         save_rankings(cfg, run.index, run.queries, run.results)
     return run
@@ -121,7 +117,7 @@ def latency_table(results):
 
 
 def run_evaluate(cfg, run):
-    scores = pipeline.score_run(cfg, run)
+    scores = score_run(run, cfg.RETRIEVAL.LOC_TOP_K)
     latency = latency_table(run.results)
     atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "latency.json"), latency)
     lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]

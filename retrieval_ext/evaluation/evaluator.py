@@ -1,19 +1,28 @@
 """Scores the rankings of every pipeline stage with the dataset's own protocol.
 
 ``evaluate_stages`` is the one place that turns stage results into ``{stage: {metric: value}}``;
-``tools/retrieve.py evaluate`` and the trainer's :class:`RetrievalEvaluator` both call it.
+``tools/retrieve.py evaluate`` and the trainer's :class:`RetrievalEvaluator` both call it through
+:func:`score_run`.
 """
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tabulate import tabulate
 
+from ..data.datasets.catalog import get_dataset_dicts
 from . import metrics
 
-__all__ = ["NoGroundTruthError", "db_positions", "evaluate_stages", "format_table", "judged_sets"]
+__all__ = [
+    "NoGroundTruthError",
+    "db_positions",
+    "evaluate_stages",
+    "format_table",
+    "judged_sets",
+    "score_run",
+]
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -110,6 +119,23 @@ def evaluate_stages(
             scores["frac_iou@0.5"] = float(loc["frac_iou@0.5"])
         out[stage] = scores
     return out
+
+
+def score_run(run, loc_top_k: int = 10) -> Optional[Dict[str, Dict[str, float]]]:
+    """Metrics of a search (see :func:`evaluate_stages`), or None (warned) without ground truth.
+
+    Args:
+        run: a :class:`~retrieval_ext.retrieval.pipeline.SearchRun`.
+        loc_top_k: top-k results over which localisation is measured.
+    """
+    db = get_dataset_dicts(run.metadata.db_dataset)
+    try:
+        return evaluate_stages(
+            run.results, run.metadata, db_positions(run.index, db), loc_top_k=loc_top_k
+        )
+    except NoGroundTruthError as e:
+        logger.warning(str(e))
+        return None
 
 
 def format_table(results: Dict[str, Dict[str, float]], title: str = "") -> str:

@@ -22,7 +22,10 @@ from ..data.boxes import validate_box
 from ..data.datasets.catalog import get_dataset_dicts, register_config_datasets
 from ..data.mapper import read_image
 from .extractor import FeatureExtractor
-from .pipeline import build_searcher, load_or_learn_whitening, open_index
+from .indexing import open_index
+from .learned import load_or_learn_whitening
+from .paths import index_paths
+from .pipeline import build_searcher
 
 __all__ = ["SearchHit", "InstanceSearch"]
 
@@ -51,7 +54,8 @@ class InstanceSearch:
 
     Args:
         cfg: a frozen retrieval_ext config whose ``RETRIEVAL.INDEX_DIR`` (or
-            ``OUTPUT_DIR/index``) holds an index of ``RETRIEVAL.DATASET`` built with the same model.
+            ``OUTPUT_DIR/index``) holds an index of ``RETRIEVAL.DATASET`` built with the same model;
+            the whitening is the one learned beside it (see :func:`~.paths.index_paths`).
     """
 
     def __init__(self, cfg):
@@ -59,14 +63,15 @@ class InstanceSearch:
         register_config_datasets(cfg)
         self.extractor = FeatureExtractor(cfg)
         dataset = cfg.RETRIEVAL.DATASET
-        index_dir = cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
-        self.index = open_index(index_dir, self.extractor, dataset)
+        paths = index_paths(cfg)
+        self.index = open_index(paths.index_dir, self.extractor, dataset)
         whitening = load_or_learn_whitening(
             self.extractor,
             cfg.RETRIEVAL.WHITENING_DATASET,
             dataset,
-            cfg.OUTPUT_DIR,
+            paths.work_dir,
             dim=cfg.RETRIEVAL.WHITENING_DIM,
+            cfg=cfg,
         )
         self.searcher = build_searcher(cfg, self.index, whitening)
         files = {d["image_id"]: d["file_name"] for d in get_dataset_dicts(f"{dataset}_db")}

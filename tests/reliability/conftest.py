@@ -131,8 +131,8 @@ def search_engine(zf, tmp_path_factory):
     from detectron2.data import DatasetCatalog
 
     from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-    from retrieval_ext.retrieval import pipeline
     from retrieval_ext.retrieval.api import InstanceSearch
+    from retrieval_ext.retrieval.indexing import build_index
 
     tmp = tmp_path_factory.mktemp("engine")
     generate_synthetic_benchmark(
@@ -161,7 +161,7 @@ def search_engine(zf, tmp_path_factory):
     cfg = tiny_cfg("ZF", opts)
     register_config_datasets(cfg)
     extractor = FeatureExtractor(cfg)
-    pipeline.build_index(
+    build_index(
         extractor,
         name,
         str(tmp / "out" / "index"),

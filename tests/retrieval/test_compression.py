@@ -124,7 +124,7 @@ def test_blocked_ca_sr_equals_per_image_brute_force(monkeypatch, dtype):
 
 
 def test_prepare_compressed_index_and_writer_round_trip(tmp_path):
-    from retrieval_ext.retrieval.pipeline import prepare_compressed_index
+    from retrieval_ext.retrieval.indexing import prepare_compressed_index
 
     base = default_schema()
     assert prepare_compressed_index(None, base, {"m": 1}, str(tmp_path)) == (base, {"m": 1})

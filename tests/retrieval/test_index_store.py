@@ -570,7 +570,7 @@ def test_fine_tuning_settings_do_not_make_an_index_foreign(tmp_path):
     network computes: an index stays usable when those keys change or new ones appear (indexes
     written before held them in their config text), while a feature-shaping key still counts."""
     from retrieval_ext.retrieval.extractor import model_fingerprint
-    from retrieval_ext.retrieval.pipeline import MANIFEST_NORMALIZERS
+    from retrieval_ext.retrieval.indexing import MANIFEST_NORMALIZERS
     from tests.common import tiny_cfg, tiny_model
 
     model = tiny_model("ZF")
