@@ -17,18 +17,16 @@ from ..data.datasets.catalog import get_dataset_dicts  # noqa: F401  TEMPORARY, 
 from ..data.datasets.catalog import get_retrieval_metadata
 from .compression import RegionCompression
 from .extractor import FeatureExtractor
-from .faiss_search import FaissParams
 from .index_store import IndexReader
 from .indexing import build_index
 from .learned import load_or_learn_region_pca, load_or_learn_whitening
 from .normalization import PCAWhitening
 from .paths import IndexPaths
 from .queries import extract_queries
-from .search import CS_STAGES, InstanceSearcher, StageResult
+from .search import CS_STAGES, IndexSearcher, StageResult
 
 __all__ = [
     "SearchRun",
-    "build_searcher",
     "available_stages",
     "prepare_index",
     "region_compression",
@@ -92,38 +90,7 @@ def prepare_index(
     return index, whitening
 
 
-def build_searcher(cfg, index: IndexReader, whitening: Optional[PCAWhitening]) -> InstanceSearcher:
-    """An :class:`InstanceSearcher` with the stage settings of ``cfg.RETRIEVAL``."""
-    r = cfg.RETRIEVAL
-    return InstanceSearcher(
-        index,
-        whitening=whitening,
-        filter_pooling=r.FILTER_POOLING,
-        rerank_pooling=r.RERANK_POOLING,
-        query_region=r.QUERY_REGION,
-        top_n=r.TOP_N,
-        qe_m=r.QE_M,
-        qe_rerank_mode=r.QE_RERANK_MODE,
-        filter_backend=r.FILTER_BACKEND,
-        faiss_params=faiss_params_from_cfg(cfg),
-        filter_top_k=r.FILTER_TOP_K,
-    )
-
-
-def faiss_params_from_cfg(cfg) -> FaissParams:
-    """The faiss filtering index parameters of ``cfg.RETRIEVAL`` (FAISS_*)."""
-    r = cfg.RETRIEVAL
-    return FaissParams(
-        kind=r.FAISS_INDEX,
-        nlist=r.FAISS_NLIST,
-        pq_m=r.FAISS_PQ_M,
-        nprobe=r.FAISS_NPROBE,
-        hnsw_m=r.FAISS_HNSW_M,
-        ef_search=r.FAISS_EF_SEARCH,
-    )
-
-
-def available_stages(searcher: InstanceSearcher, stages: Sequence[str], num_query_classes: int):
+def available_stages(searcher: IndexSearcher, stages: Sequence[str], num_query_classes: int):
     """The requested stages that apply: CS-SR only when the stored class scores are the query
     objects' classes (a model fine-tuned on them)."""
     cs_ok = searcher.num_classes == num_query_classes
@@ -137,7 +104,7 @@ def available_stages(searcher: InstanceSearcher, stages: Sequence[str], num_quer
 
 
 def search_all(
-    searcher: InstanceSearcher, queries: Sequence[dict], stages: Sequence[str]
+    searcher: IndexSearcher, queries: Sequence[dict], stages: Sequence[str]
 ) -> Dict[str, List[StageResult]]:
     """Search every query with every stage.
 
@@ -194,7 +161,7 @@ def search_dataset(
         return None
     if queries is None:
         queries = extract_queries(extractor, dataset, cache_dir=paths.cache_dir)
-    searcher = build_searcher(cfg, index, whitening)
+    searcher = IndexSearcher(cfg, index, whitening)
     meta = get_retrieval_metadata(dataset)
     stages = available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
     return SearchRun(index, queries, search_all(searcher, queries, stages), meta)
@@ -203,4 +170,7 @@ def search_dataset(
 # TEMPORARY: tools/benchmark.py, being split on another branch and left unchanged in this one,
 # still calls pipeline.build_index, pipeline.extract_queries, pipeline.get_dataset_dicts (imported
 # above) and pipeline.build_searcher. Delete these names once it imports them from
-# retrieval.indexing, retrieval.queries and data.datasets.catalog.
+# retrieval.indexing, retrieval.queries and data.datasets.catalog and builds
+# IndexSearcher(cfg, index, whitening).
+def build_searcher(cfg, index, whitening):
+    return IndexSearcher(cfg, index, whitening)

@@ -39,6 +39,7 @@ from ..evaluation import metrics
 from ..evaluation.evaluator import db_positions, judged_sets
 from ..retrieval.pipeline import available_stages
 from ..retrieval.search import CS_STAGES, STAGES
+from ..retrieval.search import stage_chain as search_stage_chain
 
 __all__ = [
     "ImageNotFound",
@@ -51,15 +52,6 @@ __all__ = [
 logger = logging.getLogger("retrieval_ext")
 
 SOURCES = ("db", "query", "upload")
-# the stages each stage builds on, in order: a search reports the latency and AP of each
-_CHAINS = {
-    "filtering": ("filtering",),
-    "filtering_qe": ("filtering", "filtering_qe"),
-    "ca_sr": ("filtering", "ca_sr"),
-    "ca_sr_qe": ("filtering", "ca_sr", "ca_sr_qe"),
-    "cs_sr": ("filtering", "cs_sr"),
-    "cs_sr_qe": ("filtering", "cs_sr", "cs_sr_qe"),
-}
 # IoU above which a drawn box is taken to mark an annotated object (the PASCAL criterion)
 GT_IOU = 0.5
 JPEG_QUALITY = 88
@@ -78,10 +70,11 @@ class UploadTooLarge(RequestError):
 
 
 def stage_chain(stage: str) -> Tuple[str, ...]:
-    """The stages ``stage`` builds on, ending with ``stage`` itself."""
-    if stage not in _CHAINS:
+    """The stages ``stage`` builds on, ending with ``stage`` itself: a search reports the
+    latency and AP of each (see :func:`retrieval_ext.retrieval.search.stage_chain`)."""
+    if stage not in STAGES:
         raise RequestError(f"stage: unknown stage {stage!r}; choose from {list(STAGES)}")
-    return _CHAINS[stage]
+    return search_stage_chain(stage)
 
 
 @dataclass

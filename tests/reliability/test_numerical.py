@@ -12,9 +12,9 @@ import torch
 
 from retrieval_ext.retrieval.indexing import build_index
 from retrieval_ext.retrieval.learned import load_or_learn_whitening
-from retrieval_ext.retrieval.pipeline import build_searcher, search_all
+from retrieval_ext.retrieval.pipeline import search_all
 from retrieval_ext.retrieval.queries import extract_queries
-from retrieval_ext.retrieval.search import STAGES
+from retrieval_ext.retrieval.search import STAGES, IndexSearcher
 
 from .conftest import make_extractor, pattern_image, register, write_collection
 
@@ -53,7 +53,7 @@ def _rank(scores):
 
 def _searcher(index, top_n, qe_m, zf):
     cfg = make_extractor(zf, ["RETRIEVAL.TOP_N", str(top_n), "RETRIEVAL.QE_M", str(qe_m)]).cfg
-    return build_searcher(cfg, index, None)
+    return IndexSearcher(cfg, index, None)
 
 
 def test_black_dead_and_proposal_less_images(zf, tmp_path, registered):

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
 import retrieval_ext
-from retrieval_ext.retrieval.api import InstanceSearch
+from retrieval_ext import InstanceSearch
 from retrieval_ext.serving.app import create_app
 from retrieval_ext.serving.service import SearchService
 from tests.common import written_out_ap
