@@ -29,12 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
 from retrieval_ext.data.datasets.catalog import get_dataset_dicts  # noqa: E402
 from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
-from retrieval_ext.evaluation.evaluator import (  # noqa: E402
-    db_positions,
-    format_table,
-    judged_sets,
-    score_run,
-)
+from retrieval_ext.evaluation.evaluator import db_positions, format_table, score_run  # noqa: E402
+from retrieval_ext.evaluation.relevance import relevance_labels  # noqa: E402
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
@@ -130,17 +126,13 @@ def run_evaluate(cfg, run):
     return scores
 
 
-def _relevance(meta, query_index, db_index):
+def _relevance(meta, query_index, ranking):
+    """Per ranked image (dataset db_index): True relevant, False not, None junk or unjudged."""
     gnd = getattr(meta, "gnd", None)
     if gnd is None:
-        return None
-    g = gnd[query_index]
-    if meta.protocol == "ins":
-        return meta.db_shots[db_index] in set(g["relevant_shots"])
-    pos, junk = judged_sets(meta.protocol, g)
-    if db_index in junk:
-        return None
-    return db_index in pos
+        return [None] * len(ranking)
+    labels = relevance_labels(meta, gnd[query_index], ranking)
+    return [None if label < 0 else bool(label) for label in labels]
 
 
 def run_visualize(cfg, run, stage):
@@ -155,7 +147,7 @@ def run_visualize(cfg, run, stage):
     entries = []
     for qi, (q, r) in enumerate(zip(queries, results[stage])):
         top = positions[r.order[:k]]
-        rel = [_relevance(meta, qi, int(i)) for i in top]
+        rel = _relevance(meta, qi, top)
         strip = result_strip(
             q["file_name"],
             q["box"],

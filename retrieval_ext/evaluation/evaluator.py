@@ -7,20 +7,20 @@
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from tabulate import tabulate
 
 from ..data.datasets.catalog import get_dataset_dicts
 from . import metrics
+from .relevance import judged_sets
 
 __all__ = [
     "NoGroundTruthError",
     "db_positions",
     "evaluate_stages",
     "format_table",
-    "judged_sets",
     "score_run",
 ]
 
@@ -42,20 +42,6 @@ def db_positions(index, db_dicts: Sequence[dict]) -> np.ndarray:
     """
     by_id = {d["image_id"]: d["db_index"] for d in db_dicts}
     return np.asarray([by_id[i] for i in index.image_ids], dtype=np.int64)
-
-
-def judged_sets(protocol: str, g: dict) -> Tuple[Set[int], Set[int]]:
-    """(relevant, junk) database indices of one query's judgements.
-
-    Oxford / Paris / custom: ``ok`` and ``junk``; Revisited, its Medium protocol: ``easy`` and
-    ``hard`` are relevant, ``junk`` is skipped. Not for INS, which judges shots
-    (``relevant_shots``), not images.
-    """
-    if protocol == "ins":
-        raise ValueError("INS judges shots, not images: use metadata.db_shots")
-    if protocol == "revisited":
-        return set(g["easy"]) | set(g["hard"]), set(g["junk"])
-    return set(g["ok"]), set(g.get("junk", ()))
 
 
 def evaluate_stages(
