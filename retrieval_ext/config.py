@@ -118,7 +118,8 @@ def add_retrieval_config(cfg):
     # Extra collections in the custom format (see datasets/README.md) registered by the tools,
     # as "name=/path/to/folder" strings; each becomes name_db, name_query and name_finetune.
     _C.RETRIEVAL.CUSTOM_DATASETS = []
-    # Where the index is stored; "" = OUTPUT_DIR/index.
+    # Where the index is stored; "" = OUTPUT_DIR/index. What is learned for it (whitening, region
+    # PCA) and the indexes of the datasets it is learned on are kept in its parent folder.
     _C.RETRIEVAL.INDEX_DIR = ""
     # Storage type of the stored feature vectors: "float16" (half the bytes) or "float32".
     _C.RETRIEVAL.INDEX_DTYPE = "float16"

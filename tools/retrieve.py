@@ -27,15 +27,14 @@ from detectron2.utils import comm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retrieval_ext  # noqa: E402,F401  registers models and datasets
+from retrieval_ext.data.datasets.catalog import get_dataset_dicts  # noqa: E402
 from retrieval_ext.engine.defaults import setup_cfg  # noqa: E402
-from retrieval_ext.evaluation.evaluator import (  # noqa: E402
-    db_positions,
-    format_table,
-    judged_sets,
-)
+from retrieval_ext.evaluation.evaluator import db_positions, format_table, score_run  # noqa: E402
+from retrieval_ext.evaluation.relevance import relevance_labels  # noqa: E402
 from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
+from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
 from retrieval_ext.retrieval.search import STAGES  # noqa: E402
 from retrieval_ext.utils.io import atomic_dir, atomic_write, atomic_write_json  # noqa: E402
 from retrieval_ext.utils.visualization import result_strip, write_gallery  # noqa: E402
@@ -72,12 +71,8 @@ def setup(args):
     return setup_cfg(args)
 
 
-def index_dir(cfg):
-    return cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
-
-
 def run_index(cfg, extractor):
-    return pipeline.prepare_index(cfg, extractor, cfg.RETRIEVAL.DATASET, index_dir(cfg))
+    return pipeline.prepare_index(cfg, extractor, cfg.RETRIEVAL.DATASET, index_paths(cfg))
 
 
 def run_search_all(cfg, extractor):
@@ -86,9 +81,7 @@ def run_search_all(cfg, extractor):
     Returns:
         the :class:`pipeline.SearchRun` on the main process, None on other ranks.
     """
-    run = pipeline.search_dataset(
-        cfg, extractor, cfg.RETRIEVAL.DATASET, cfg.OUTPUT_DIR, index_dir(cfg)
-    )
+    run = pipeline.search_dataset(cfg, extractor, cfg.RETRIEVAL.DATASET, index_paths(cfg))
     if run is not None:
         save_rankings(cfg, run.index, run.queries, run.results)
     return run
@@ -120,7 +113,7 @@ def latency_table(results):
 
 
 def run_evaluate(cfg, run):
-    scores = pipeline.score_run(cfg, run)
+    scores = score_run(run, cfg.RETRIEVAL.LOC_TOP_K)
     latency = latency_table(run.results)
     atomic_write_json(os.path.join(cfg.OUTPUT_DIR, "latency.json"), latency)
     lines = [f"{s}: median {v['median_ms']:.2f} ms / query" for s, v in latency.items()]
@@ -133,17 +126,13 @@ def run_evaluate(cfg, run):
     return scores
 
 
-def _relevance(meta, query_index, db_index):
+def _relevance(meta, query_index, ranking):
+    """Per ranked image (dataset db_index): True relevant, False not, None junk or unjudged."""
     gnd = getattr(meta, "gnd", None)
     if gnd is None:
-        return None
-    g = gnd[query_index]
-    if meta.protocol == "ins":
-        return meta.db_shots[db_index] in set(g["relevant_shots"])
-    pos, junk = judged_sets(meta.protocol, g)
-    if db_index in junk:
-        return None
-    return db_index in pos
+        return [None] * len(ranking)
+    labels = relevance_labels(meta, gnd[query_index], ranking)
+    return [None if label < 0 else bool(label) for label in labels]
 
 
 def run_visualize(cfg, run, stage):
@@ -151,14 +140,14 @@ def run_visualize(cfg, run, stage):
     stage = stage or list(results)[-1]
     if stage not in results:
         raise ValueError(f"stage {stage!r} was not run; available: {list(results)}")
-    db = pipeline.get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
+    db = get_dataset_dicts(f"{cfg.RETRIEVAL.DATASET}_db")
     positions = db_positions(index, db)
     files = {d["db_index"]: d["file_name"] for d in db}
     k = cfg.RETRIEVAL.VIS_TOP_K
     entries = []
     for qi, (q, r) in enumerate(zip(queries, results[stage])):
         top = positions[r.order[:k]]
-        rel = [_relevance(meta, qi, int(i)) for i in top]
+        rel = _relevance(meta, qi, top)
         strip = result_strip(
             q["file_name"],
             q["box"],

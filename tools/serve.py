@@ -29,6 +29,7 @@ from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
 from retrieval_ext.retrieval.index_store import IndexNotFinalizedError  # noqa: E402
+from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
 from retrieval_ext.serving import SearchService  # noqa: E402
 
 logger = logging.getLogger("retrieval_ext")
@@ -56,8 +57,7 @@ def get_parser():
 
 def build_service(cfg, args) -> SearchService:
     if args.build_index:
-        index_dir = cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
-        pipeline.prepare_index(cfg, FeatureExtractor(cfg), cfg.RETRIEVAL.DATASET, index_dir)
+        pipeline.prepare_index(cfg, FeatureExtractor(cfg), cfg.RETRIEVAL.DATASET, index_paths(cfg))
     try:
         engine = InstanceSearch(cfg)
     except IndexNotFinalizedError as e:

@@ -9,7 +9,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..config import DeviceUnavailableError, add_retrieval_config, check_device
-from ..retrieval import pipeline
+from ..data.datasets.catalog import register_config_datasets
 from ..utils.io import OutputWriteError
 from .trainer import setup_finetune_cfg
 
@@ -47,7 +47,7 @@ def setup_cfg(args):
     # before setup_finetune_cfg, so that its messages reach OUTPUT_DIR/log.txt
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="retrieval_ext")
     logging.getLogger("retrieval_ext").info(f"running on MODEL.DEVICE {device}")
-    pipeline.register_config_datasets(cfg)
+    register_config_datasets(cfg)
     # a fine-tuning config: the class count follows the dataset's query objects, as in training
     setup_finetune_cfg(cfg)
     cfg.freeze()

@@ -8,8 +8,9 @@ What it adds to ``DefaultTrainer``:
 - ``build_train_loader`` maps with ``RetrievalDatasetMapper``, which flips the
   ``horizontal_flip=True`` copies of ``NAME_finetune``, and adds the database images of
   ``MODEL.FINETUNE.NEGATIVE_DATASETS`` as background-only images.
-- Evaluation (``TEST.EVAL_PERIOD``, after training, ``--eval-only``) of a retrieval dataset in
-  ``DATASETS.TEST`` (``NAME_query``) is retrieval: ``test`` runs a
+- Evaluation (``TEST.EVAL_PERIOD``, after training, ``--eval-only``) dispatches on the
+  metadata's ``evaluator_type``: a retrieval dataset in ``DATASETS.TEST`` (``NAME_query``,
+  ``evaluator_type="retrieval"``) is evaluated by retrieval: ``test`` runs a
   :class:`~retrieval_ext.evaluation.retrieval_evaluator.RetrievalEvaluator` that holds the model.
   A detection dataset with ``evaluator_type="coco"`` (e.g. the generic detection set on which
   the embedded default's RPN and box head are pre-trained) gets detectron2's ``COCOEvaluator``
@@ -36,7 +37,8 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 
 from ..data import RetrievalDatasetMapper, get_retrieval_metadata
-from ..evaluation.retrieval_evaluator import RetrievalEvaluator, retrieval_dataset_name
+from ..data.datasets.catalog import retrieval_dataset_name
+from ..evaluation.retrieval_evaluator import RetrievalEvaluator
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .freeze import apply_freeze
 
@@ -103,11 +105,10 @@ def background_dicts(names) -> list:
     return out
 
 
-def _retrieval_name_or_none(dataset_name):
-    try:
-        return retrieval_dataset_name(dataset_name)
-    except KeyError:
-        return None
+def _evaluator_type(dataset_name: str):
+    """The ``evaluator_type`` of a registered dataset's metadata (``"retrieval"`` for the views of
+    a retrieval dataset, ``"coco"`` for COCO-format detection sets), or None."""
+    return MetadataCatalog.get(dataset_name).get("evaluator_type")
 
 
 class RetrievalTrainer(DefaultTrainer):
@@ -158,16 +159,17 @@ class RetrievalTrainer(DefaultTrainer):
         Args:
             dataset_name: a ``DATASETS.TEST`` entry (``NAME_query`` for retrieval).
         """
-        name = _retrieval_name_or_none(dataset_name)
-        if name is None:
+        if _evaluator_type(dataset_name) != "retrieval":
             return super().build_test_loader(cfg, dataset_name)
+        name = retrieval_dataset_name(dataset_name)
         return build_detection_test_loader(
             cfg, f"{name}_query", mapper=RetrievalDatasetMapper(cfg, False)
         )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, model=None, output_dir=None):
-        """The evaluator of a ``DATASETS.TEST`` entry.
+        """The evaluator of a ``DATASETS.TEST`` entry, by its metadata's ``evaluator_type``
+        (as detectron2's own ``build_evaluator`` dispatches).
 
         Args:
             model: for a retrieval dataset, the model that indexes the database (None: built
@@ -175,15 +177,15 @@ class RetrievalTrainer(DefaultTrainer):
             output_dir: default ``OUTPUT_DIR`` (retrieval) or ``OUTPUT_DIR/inference`` (COCO).
 
         Returns:
-            :class:`RetrievalEvaluator` for a retrieval dataset, ``COCOEvaluator`` for a dataset
-            with ``evaluator_type="coco"``.
+            :class:`RetrievalEvaluator` for ``evaluator_type="retrieval"`` (the views of a
+            retrieval dataset), ``COCOEvaluator`` for ``"coco"``.
 
         Raises:
             ValueError: for any other dataset.
         """
-        if _retrieval_name_or_none(dataset_name) is not None:
+        evaluator_type = _evaluator_type(dataset_name)
+        if evaluator_type == "retrieval":
             return RetrievalEvaluator(cfg, dataset_name, model=model, output_dir=output_dir)
-        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type == "coco":
             return COCOEvaluator(
                 dataset_name, output_dir=output_dir or os.path.join(cfg.OUTPUT_DIR, "inference")

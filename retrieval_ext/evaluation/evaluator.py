@@ -1,19 +1,28 @@
 """Scores the rankings of every pipeline stage with the dataset's own protocol.
 
 ``evaluate_stages`` is the one place that turns stage results into ``{stage: {metric: value}}``;
-``tools/retrieve.py evaluate`` and the trainer's :class:`RetrievalEvaluator` both call it.
+``tools/retrieve.py evaluate`` and the trainer's :class:`RetrievalEvaluator` both call it through
+:func:`score_run`.
 """
 
 import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from tabulate import tabulate
 
+from ..data.datasets.catalog import get_dataset_dicts
 from . import metrics
+from .relevance import judged_sets
 
-__all__ = ["NoGroundTruthError", "db_positions", "evaluate_stages", "format_table", "judged_sets"]
+__all__ = [
+    "NoGroundTruthError",
+    "db_positions",
+    "evaluate_stages",
+    "format_table",
+    "score_run",
+]
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -33,20 +42,6 @@ def db_positions(index, db_dicts: Sequence[dict]) -> np.ndarray:
     """
     by_id = {d["image_id"]: d["db_index"] for d in db_dicts}
     return np.asarray([by_id[i] for i in index.image_ids], dtype=np.int64)
-
-
-def judged_sets(protocol: str, g: dict) -> Tuple[Set[int], Set[int]]:
-    """(relevant, junk) database indices of one query's judgements.
-
-    Oxford / Paris / custom: ``ok`` and ``junk``; Revisited, its Medium protocol: ``easy`` and
-    ``hard`` are relevant, ``junk`` is skipped. Not for INS, which judges shots
-    (``relevant_shots``), not images.
-    """
-    if protocol == "ins":
-        raise ValueError("INS judges shots, not images: use metadata.db_shots")
-    if protocol == "revisited":
-        return set(g["easy"]) | set(g["hard"]), set(g["junk"])
-    return set(g["ok"]), set(g.get("junk", ()))
 
 
 def evaluate_stages(
@@ -160,6 +155,27 @@ def _cell(column: str, value) -> str:
     if column.startswith(UNSCORED):
         return str(int(value))
     return f"{100 * value:.2f}"
+
+
+def score_run(run, loc_top_k: int = 10) -> Optional[Dict[str, Dict[str, float]]]:
+    """Metrics of a search (see :func:`evaluate_stages`), or None (warned) without ground truth.
+
+    Args:
+        run: a :class:`~retrieval_ext.retrieval.pipeline.SearchRun`.
+        loc_top_k: top-k results over which localisation is measured.
+    """
+    db = get_dataset_dicts(run.metadata.db_dataset)
+    try:
+        return evaluate_stages(
+            run.results,
+            run.metadata,
+            db_positions(run.index, db),
+            loc_top_k=loc_top_k,
+            query_names=[q["image_id"] for q in run.queries],
+        )
+    except NoGroundTruthError as e:
+        logger.warning(str(e))
+        return None
 
 
 def format_table(results: Dict[str, Dict[str, float]], title: str = "") -> str:

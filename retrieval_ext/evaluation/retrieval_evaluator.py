@@ -4,7 +4,7 @@ Retrieval cannot be scored batch by batch: the database has to be indexed with t
 evaluated, the whitening learned with it, and every query searched. :func:`evaluate_retrieval`
 chains the steps of :mod:`retrieval_ext.retrieval.pipeline` exactly as ``tools/retrieve.py
 evaluate`` does (index -> whitening -> queries -> searcher -> applicable stages -> search ->
-:func:`~retrieval_ext.evaluation.evaluator.evaluate_stages`), into a fresh folder per evaluation
+:func:`~retrieval_ext.evaluation.evaluator.score_run`), into a fresh folder per evaluation
 because fine-tuning (strategy #2) changes the features.
 
 :class:`RetrievalEvaluator` wraps it as a ``DatasetEvaluator`` so that ``DefaultTrainer.test``
@@ -22,45 +22,23 @@ from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.events import get_event_storage
 
+from ..data.datasets.catalog import get_dataset_dicts, retrieval_dataset_name
 from ..retrieval import pipeline
 from ..retrieval.extractor import FeatureExtractor, outputs_to_query
+from ..retrieval.paths import index_paths
 from ..utils.io import atomic_write_json
-from .evaluator import format_table
+from .evaluator import format_table, score_run
 
-__all__ = ["RetrievalEvaluator", "evaluate_retrieval", "retrieval_dataset_name"]
+__all__ = ["RetrievalEvaluator", "evaluate_retrieval"]
 
 logger = logging.getLogger("retrieval_ext")
 
-# Dataset-dict fields that identify a query in its record (as pipeline.extract_queries adds them).
+# Dataset-dict fields that identify a query in its record (as queries.extract_queries adds them).
 _QUERY_INFO = ("image_id", "file_name", "category_id", "object_name", "query_index")
-
-
-def retrieval_dataset_name(name: str) -> str:
-    """The retrieval dataset ``NAME`` of ``NAME`` or of one of its views.
-
-    Args:
-        name: e.g. ``"oxford5k"``, ``"oxford5k_query"`` or ``"oxford5k_finetune"``.
-
-    Returns:
-        str: ``"oxford5k"``.
-
-    Raises:
-        KeyError: ``name`` is neither a registered retrieval dataset nor one of its views.
-    """
-    registered = DatasetCatalog.list()
-    if f"{name}_query" in registered:
-        return name
-    if name in registered:
-        query_dataset = getattr(MetadataCatalog.get(name), "query_dataset", "")
-        if query_dataset.endswith("_query"):
-            return query_dataset[: -len("_query")]
-    known = sorted(n[: -len("_query")] for n in registered if n.endswith("_query"))
-    raise KeyError(f"{name!r} is not a retrieval dataset or view; registered: {known}")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -87,7 +65,7 @@ def evaluate_retrieval(
         work_dir: folder for the index (``work_dir/index``), the whitening, the query cache and
             ``retrieval_results.json``.
         queries: query records in ``<dataset>_query`` order (as
-            :func:`~retrieval_ext.retrieval.pipeline.extract_queries` returns them), e.g.
+            :func:`~retrieval_ext.retrieval.queries.extract_queries` returns them), e.g.
             collected by :class:`RetrievalEvaluator`; None extracts them here.
 
     Returns:
@@ -96,12 +74,11 @@ def evaluate_retrieval(
         query objects); ``{}`` on other ranks or when the dataset has no ground truth.
     """
     extractor = FeatureExtractor(cfg, model=None if model is None else _unwrap(model))
-    run = pipeline.search_dataset(
-        cfg, extractor, dataset, work_dir, os.path.join(work_dir, "index"), queries=queries
-    )
+    paths = index_paths(cfg, output_dir=work_dir)
+    run = pipeline.search_dataset(cfg, extractor, dataset, paths, queries=queries)
     if run is None:
         return {}
-    scores = pipeline.score_run(cfg, run)
+    scores = score_run(run, cfg.RETRIEVAL.LOC_TOP_K)
     if scores is None:
         return {}
     atomic_write_json(os.path.join(work_dir, "retrieval_results.json"), scores)
@@ -197,7 +174,7 @@ class RetrievalEvaluator(DatasetEvaluator):
         records = sorted(
             (q for part in per_rank for q in part), key=lambda q: q.get("query_index", -1)
         )
-        expected = [d["image_id"] for d in pipeline.get_dataset_dicts(f"{self._dataset}_query")]
+        expected = [d["image_id"] for d in get_dataset_dicts(f"{self._dataset}_query")]
         if [q.get("image_id") for q in records] != expected:
             if records:
                 logger.warning(

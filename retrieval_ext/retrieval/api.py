@@ -1,8 +1,12 @@
 """Python API: load an index once, then query it with (image, box) from any thread.
 
+:class:`InstanceSearch` (also ``retrieval_ext.InstanceSearch``) holds the model, the index and
+the whitening; it extracts the query and hands it to an
+:class:`~retrieval_ext.retrieval.search.IndexSearcher`, which runs the stages on stored features.
+
 Example::
 
-    from retrieval_ext.retrieval.api import InstanceSearch
+    from retrieval_ext import InstanceSearch
     engine = InstanceSearch.from_config_file("configs/synthetic/EfficientNet-Lite0.yaml",
                                              ["OUTPUT_DIR", "output/demo/off_the_shelf"])
     for hit in engine.query("query.jpg", [10, 20, 200, 180], stage="ca_sr_qe", top_k=5):
@@ -19,15 +23,13 @@ from detectron2.config import get_cfg
 
 from ..config import add_retrieval_config, check_device
 from ..data.boxes import validate_box
+from ..data.datasets.catalog import get_dataset_dicts, register_config_datasets
 from ..data.mapper import read_image
 from .extractor import FeatureExtractor
-from .pipeline import (
-    build_searcher,
-    get_dataset_dicts,
-    load_or_learn_whitening,
-    open_index,
-    register_config_datasets,
-)
+from .indexing import open_index
+from .learned import load_or_learn_whitening
+from .paths import index_paths
+from .search import IndexSearcher
 
 __all__ = ["SearchHit", "InstanceSearch"]
 
@@ -57,7 +59,8 @@ class InstanceSearch:
 
     Args:
         cfg: a frozen retrieval_ext config whose ``RETRIEVAL.INDEX_DIR`` (or
-            ``OUTPUT_DIR/index``) holds an index of ``RETRIEVAL.DATASET`` built with the same model.
+            ``OUTPUT_DIR/index``) holds an index of ``RETRIEVAL.DATASET`` built with the same model;
+            the whitening is the one learned beside it (see :func:`~.paths.index_paths`).
 
     Raises:
         DeviceUnavailableError (a ValueError): ``MODEL.DEVICE`` names a device this machine lacks.
@@ -69,16 +72,17 @@ class InstanceSearch:
         register_config_datasets(cfg)
         self.extractor = FeatureExtractor(cfg)
         dataset = cfg.RETRIEVAL.DATASET
-        index_dir = cfg.RETRIEVAL.INDEX_DIR or os.path.join(cfg.OUTPUT_DIR, "index")
-        self.index = open_index(index_dir, self.extractor, dataset)
+        paths = index_paths(cfg)
+        self.index = open_index(paths.index_dir, self.extractor, dataset)
         whitening = load_or_learn_whitening(
             self.extractor,
             cfg.RETRIEVAL.WHITENING_DATASET,
             dataset,
-            cfg.OUTPUT_DIR,
+            paths.work_dir,
             dim=cfg.RETRIEVAL.WHITENING_DIM,
+            cfg=cfg,
         )
-        self.searcher = build_searcher(cfg, self.index, whitening)
+        self.searcher = IndexSearcher(cfg, self.index, whitening)
         files = {d["image_id"]: d["file_name"] for d in get_dataset_dicts(f"{dataset}_db")}
         self.file_names = [files.get(i, "") for i in self.index.image_ids]
         # the model is one torch module: forward passes from several threads are serialised
@@ -127,7 +131,7 @@ class InstanceSearch:
         Args:
             image: a file name or an (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` order.
             box: (x1, y1, x2, y2) in the image's pixels (after EXIF orientation).
-            stage: one of the pipeline stages (see retrieval_ext.retrieval.search).
+            stage: one of the stages of :mod:`retrieval_ext.retrieval.search`.
             top_k: number of hits returned (fewer when the database is smaller).
             class_id: the query object's class, for the CS-SR stages.
             top_n, qe_m: N (images reranked) and M (images averaged by query expansion) for

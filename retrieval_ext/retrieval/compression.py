@@ -132,11 +132,6 @@ class RegionCompression:
             mean, comps = learn_region_pca(vectors, pca_dim)
         return cls(num_proposals, pca_dim, dtype, mean=mean, components=comps, **kw)
 
-    @property
-    def is_identity(self) -> bool:
-        """True when nothing is compressed beyond the index's own float storage."""
-        return not self.num_proposals and not self.pca_dim and self.dtype != "int8"
-
     def describe(self) -> dict:
         """JSON-able description (goes into the index manifest: resuming with another
         compression is refused). The PCA is identified by a hash of its arrays."""

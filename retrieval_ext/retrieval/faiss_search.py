@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -243,11 +243,3 @@ class FaissFilter:
 
 def _num_gpus(faiss) -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-def make_filter(db, kind: str = "flat", directory: Optional[str] = None, **kw) -> FaissFilter:
-    """A :class:`FaissFilter` of ``kind``, loaded from / saved to ``directory`` when given."""
-    params = FaissParams(kind, **kw)
-    if directory is None:
-        return FaissFilter(db, params)
-    return FaissFilter.load_or_build(db, params, directory)

@@ -16,16 +16,21 @@ Every stage reads stored features only; the network never runs here. Stage names
   query objects).
 - ``cs_sr_qe``: the global form: the query IPA averaged with the IPA of the CS-SR top M,
   filtering again, and CS-SR of the new top N.
+
+:data:`STAGE_INPUTS` declares which stages each stage reads the results of; :func:`stage_chain`
+gives the stages a search of one stage runs (the UI reports the latency and AP of each).
 """
 
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+from detectron2.config import configurable
 
 from .compression import RegionCompression, load_region_compression
+from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
     average_query_expansion,
@@ -35,10 +40,40 @@ from .query_expansion import (
 from .ranking import rank
 from .reranking import class_agnostic_rerank, class_specific_rerank
 
-__all__ = ["STAGES", "StageResult", "InstanceSearcher"]
+__all__ = [
+    "CS_STAGES",
+    "STAGES",
+    "STAGE_INPUTS",
+    "IndexSearcher",
+    "StageResult",
+    "stage_chain",
+]
 
 STAGES = ("filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe")
 CS_STAGES = ("cs_sr", "cs_sr_qe")
+# The stages whose results each stage reads (see the module docstring for what each does).
+STAGE_INPUTS = {
+    "filtering": (),
+    "filtering_qe": ("filtering",),
+    "ca_sr": ("filtering",),
+    "ca_sr_qe": ("filtering", "ca_sr"),
+    "cs_sr": ("filtering",),
+    "cs_sr_qe": ("cs_sr",),
+}
+
+
+def stage_chain(stage: str) -> Tuple[str, ...]:
+    """The stages ``stage`` builds on, in the order they run, ending with ``stage`` itself.
+
+    Raises:
+        ValueError: ``stage`` is not one of :data:`STAGES`.
+    """
+    if stage not in STAGE_INPUTS:
+        raise ValueError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
+    chain = []
+    for before in STAGE_INPUTS[stage]:
+        chain += [s for s in stage_chain(before) if s not in chain]
+    return tuple(chain) + (stage,)
 
 
 @dataclass
@@ -72,8 +107,21 @@ def _no_boxes(n):
     return np.full((n, 4), np.nan, dtype=np.float32)
 
 
-class InstanceSearcher:
-    """Searches one index. Thread-safe: search keeps no state between calls.
+class _Query(NamedTuple):
+    """One search's inputs, passed to every stage."""
+
+    record: dict
+    class_id: Optional[int]
+    top_n: int
+    qe_m: int
+
+
+class IndexSearcher:
+    """Runs the stages on one stored index. Thread-safe: search keeps no state between calls.
+
+    Build it from plain arguments, or from a config as detectron2 builds its models:
+    ``IndexSearcher(cfg, index, whitening)`` takes the stage settings from ``cfg.RETRIEVAL``
+    (see :meth:`from_config`).
 
     Args:
         index: an :class:`~retrieval_ext.retrieval.index_store.IndexReader`.
@@ -98,10 +146,12 @@ class InstanceSearcher:
             projected with it.
     """
 
+    @configurable
     def __init__(
         self,
         index,
         whitening: Optional[PCAWhitening] = None,
+        *,
         filter_pooling: str = "sum",
         rerank_pooling: str = "max",
         query_region: str = "crop",
@@ -109,7 +159,7 @@ class InstanceSearcher:
         qe_m: int = 5,
         qe_rerank_mode: str = "region",
         filter_backend: str = "numpy",
-        faiss_params=None,
+        faiss_params: Optional[FaissParams] = None,
         filter_top_k: int = 0,
         region_compression="auto",
     ):
@@ -134,19 +184,16 @@ class InstanceSearcher:
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
         self.filter_top_k = int(filter_top_k)
+        root = getattr(index, "root", None)
         self._faiss = None
         if filter_backend == "faiss":
-            from .faiss_search import FaissFilter, FaissParams
-
             params = faiss_params if faiss_params is not None else FaissParams()
-            root = getattr(index, "root", None)
             self._faiss = (
                 FaissFilter.load_or_build(self.db, params, root)
                 if root is not None
                 else FaissFilter(self.db, params)
             )
         if region_compression == "auto":
-            root = getattr(index, "root", None)
             region_compression = load_region_compression(root) if root is not None else None
         self.region_compression: Optional[RegionCompression] = region_compression
         self._rpa = index.region_accessor(f"rpa_{rerank_pooling}")
@@ -158,6 +205,32 @@ class InstanceSearcher:
         )
         self._lock = threading.Lock()
         self._num_classes = None
+
+    @classmethod
+    def from_config(cls, cfg, index, whitening: Optional[PCAWhitening] = None):
+        """The arguments of a searcher of ``index`` with the stage settings of ``cfg.RETRIEVAL``
+        (``FILTER_*``, ``RERANK_POOLING``, ``QUERY_REGION``, ``TOP_N``, ``QE_*``, ``FAISS_*``)."""
+        r = cfg.RETRIEVAL
+        return {
+            "index": index,
+            "whitening": whitening,
+            "filter_pooling": r.FILTER_POOLING,
+            "rerank_pooling": r.RERANK_POOLING,
+            "query_region": r.QUERY_REGION,
+            "top_n": r.TOP_N,
+            "qe_m": r.QE_M,
+            "qe_rerank_mode": r.QE_RERANK_MODE,
+            "filter_backend": r.FILTER_BACKEND,
+            "faiss_params": FaissParams(
+                kind=r.FAISS_INDEX,
+                nlist=r.FAISS_NLIST,
+                pq_m=r.FAISS_PQ_M,
+                nprobe=r.FAISS_NPROBE,
+                hnsw_m=r.FAISS_HNSW_M,
+                ef_search=r.FAISS_EF_SEARCH,
+            ),
+            "filter_top_k": r.FILTER_TOP_K,
+        }
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -217,20 +290,15 @@ class InstanceSearcher:
         m = self.qe_m if qe_m is None else int(qe_m)
         if n < 0 or m < 0:
             raise ValueError(f"top_n and qe_m must be >= 0, got top_n={n}, qe_m={m}")
-        n_db = self.db.shape[0]
-        out: Dict[str, StageResult] = {}
+        q = _Query(query, class_id, n, m)
         done: Dict[str, StageResult] = {}
-
-        def need(stage):
-            if stage not in done:
-                done[stage] = self._run_stage(stage, query, class_id, need, n_db, n, m)
-            return done[stage]
-
         for s in stages:
-            out[s] = need(s)
-        return out
+            for stage in stage_chain(s):
+                if stage not in done:
+                    done[stage] = getattr(self, f"_{stage}")(q, done)
+        return {s: done[s] for s in stages}
 
-    # -- stages ----------------------------------------------------------------------------------
+    # -- building blocks -------------------------------------------------------------------------
     def _filter(self, qv):
         if self._faiss is not None:
             return self._faiss.rank(qv, self.filter_top_k)
@@ -257,41 +325,48 @@ class InstanceSearcher:
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
         return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, n)
 
-    def _run_stage(self, stage, query, class_id, need, n_db, n, m) -> StageResult:
-        if stage == "filtering":
-            t = time.perf_counter()
-            order, scores = self._filter(self.query_vector(query))
-            return StageResult(order, scores, _no_boxes(n_db), time.perf_counter() - t)
-        if stage == "filtering_qe":
-            base = need("filtering")
-            t = time.perf_counter()
-            order, scores = self._filter(self._global_qe(self.query_vector(query), base.order, m))
-            return StageResult(order, scores, _no_boxes(n_db), time.perf_counter() - t)
-        if stage == "ca_sr":
-            base = need("filtering")
-            t = time.perf_counter()
-            r = self._ca(self.query_region_vector(query), base.order, base.scores, n)
-            return StageResult.from_rerank(r, time.perf_counter() - t)
-        if stage == "ca_sr_qe":
-            base, ca = need("filtering"), need("ca_sr")
-            t = time.perf_counter()
-            region = self.query_region_vector(query)
-            if self.qe_rerank_mode == "region":
-                best = gather_best_region_vectors(ca, self._rpa, m)
-                expanded = region_query_expansion(region, best) if len(best) else region
-                r = self._ca(expanded, base.order, base.scores, n)
-            else:
-                order, scores = self._filter(self._global_qe(self.query_vector(query), ca.order, m))
-                r = self._ca(region, order, scores, n)
-            return StageResult.from_rerank(r, time.perf_counter() - t)
-        if stage == "cs_sr":
-            base = need("filtering")
-            t = time.perf_counter()
-            r = self._cs(class_id, base.order, base.scores, n)
-            return StageResult.from_rerank(r, time.perf_counter() - t)
-        # cs_sr_qe
-        cs = need("cs_sr")
+    # -- stages: each reads the results of its STAGE_INPUTS from ``done`` ------------------------
+    def _filtering(self, q: _Query, done) -> StageResult:
         t = time.perf_counter()
-        order, scores = self._filter(self._global_qe(self.query_vector(query), cs.order, m))
-        r = self._cs(class_id, order, scores, n)
+        order, scores = self._filter(self.query_vector(q.record))
+        return StageResult(order, scores, _no_boxes(self.db.shape[0]), time.perf_counter() - t)
+
+    def _filtering_qe(self, q: _Query, done) -> StageResult:
+        base = done["filtering"]
+        t = time.perf_counter()
+        qv = self._global_qe(self.query_vector(q.record), base.order, q.qe_m)
+        order, scores = self._filter(qv)
+        return StageResult(order, scores, _no_boxes(self.db.shape[0]), time.perf_counter() - t)
+
+    def _ca_sr(self, q: _Query, done) -> StageResult:
+        base = done["filtering"]
+        t = time.perf_counter()
+        r = self._ca(self.query_region_vector(q.record), base.order, base.scores, q.top_n)
+        return StageResult.from_rerank(r, time.perf_counter() - t)
+
+    def _ca_sr_qe(self, q: _Query, done) -> StageResult:
+        base, ca = done["filtering"], done["ca_sr"]
+        t = time.perf_counter()
+        region = self.query_region_vector(q.record)
+        if self.qe_rerank_mode == "region":
+            best = gather_best_region_vectors(ca, self._rpa, q.qe_m)
+            expanded = region_query_expansion(region, best) if len(best) else region
+            r = self._ca(expanded, base.order, base.scores, q.top_n)
+        else:
+            qv = self._global_qe(self.query_vector(q.record), ca.order, q.qe_m)
+            order, scores = self._filter(qv)
+            r = self._ca(region, order, scores, q.top_n)
+        return StageResult.from_rerank(r, time.perf_counter() - t)
+
+    def _cs_sr(self, q: _Query, done) -> StageResult:
+        base = done["filtering"]
+        t = time.perf_counter()
+        r = self._cs(q.class_id, base.order, base.scores, q.top_n)
+        return StageResult.from_rerank(r, time.perf_counter() - t)
+
+    def _cs_sr_qe(self, q: _Query, done) -> StageResult:
+        cs = done["cs_sr"]
+        t = time.perf_counter()
+        order, scores = self._filter(self._global_qe(self.query_vector(q.record), cs.order, q.qe_m))
+        r = self._cs(q.class_id, order, scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)

@@ -57,7 +57,26 @@ def create_app(service: SearchService) -> FastAPI:
     app = FastAPI(title="retrieval_ext instance search", docs_url="/api/docs", redoc_url=None)
     app.state.service = service
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_error_handlers(app)
+    _add_routes(app, service)
+    return app
 
+
+async def _read_upload(request: Request, name: str, limit: int) -> bytes:
+    """The request body, refused beyond ``limit`` bytes before or while it is read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise UploadTooLarge(f"upload {name!r}: {declared} bytes is more than the {limit} allowed")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # stop reading: a body without (or with a false) length is cut off
+            raise UploadTooLarge(f"upload {name!r}: more than the {limit} bytes allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _add_error_handlers(app: FastAPI):
     @app.exception_handler(RequestError)
     def _bad_request(request: Request, exc: RequestError):
         status = 413 if isinstance(exc, UploadTooLarge) else 400
@@ -77,6 +96,8 @@ def create_app(service: SearchService) -> FastAPI:
     def _not_found(request: Request, exc: ImageNotFound):
         return JSONResponse({"detail": str(exc.args[0] if exc.args else exc)}, status_code=404)
 
+
+def _add_routes(app: FastAPI, service: SearchService):
     @app.get("/", include_in_schema=False)
     def page():
         return FileResponse(os.path.join(STATIC_DIR, "index.html"))
@@ -109,21 +130,10 @@ def create_app(service: SearchService) -> FastAPI:
     @app.post("/api/upload")
     async def upload(request: Request):
         name = request.headers.get("x-filename", "upload")[:200]
-        limit = service.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise UploadTooLarge(
-                f"upload {name!r}: {declared} bytes is more than the {limit} allowed"
-            )
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:  # stop reading: a body without (or with a false) length is cut off
-                raise UploadTooLarge(f"upload {name!r}: more than the {limit} bytes allowed")
-            chunks.append(chunk)
+        data = await _read_upload(request, name, service.max_upload_bytes)
         try:
             # decoding takes CPU time: off the event loop, like the synchronous endpoints
-            return await run_in_threadpool(service.add_upload, b"".join(chunks), name)
+            return await run_in_threadpool(service.add_upload, data, name)
         except UnreadableImageError as e:
             raise RequestError(str(e)) from None
 
@@ -139,5 +149,3 @@ def create_app(service: SearchService) -> FastAPI:
             top_k=req.top_k,
             class_id=req.class_id,
         )
-
-    return app

@@ -32,12 +32,15 @@ import cv2
 import numpy as np
 
 from ..data.boxes import InvalidBoxError, validate_box
-from ..data.datasets.common import get_retrieval_metadata, image_size
+from ..data.datasets.catalog import get_dataset_dicts, get_retrieval_metadata
+from ..data.datasets.common import image_size
 from ..data.mapper import read_image, read_image_bytes
 from ..evaluation import metrics
-from ..evaluation.evaluator import db_positions, judged_sets
-from ..retrieval.pipeline import available_stages, get_dataset_dicts
+from ..evaluation.evaluator import db_positions
+from ..evaluation.relevance import num_relevant, query_average_precision, relevance_labels
+from ..retrieval.pipeline import available_stages
 from ..retrieval.search import CS_STAGES, STAGES
+from ..retrieval.search import stage_chain as search_stage_chain
 
 __all__ = [
     "ImageNotFound",
@@ -50,15 +53,6 @@ __all__ = [
 logger = logging.getLogger("retrieval_ext")
 
 SOURCES = ("db", "query", "upload")
-# the stages each stage builds on, in order: a search reports the latency and AP of each
-_CHAINS = {
-    "filtering": ("filtering",),
-    "filtering_qe": ("filtering", "filtering_qe"),
-    "ca_sr": ("filtering", "ca_sr"),
-    "ca_sr_qe": ("filtering", "ca_sr", "ca_sr_qe"),
-    "cs_sr": ("filtering", "cs_sr"),
-    "cs_sr_qe": ("filtering", "cs_sr", "cs_sr_qe"),
-}
 # IoU above which a drawn box is taken to mark an annotated object (the PASCAL criterion)
 GT_IOU = 0.5
 JPEG_QUALITY = 88
@@ -77,10 +71,11 @@ class UploadTooLarge(RequestError):
 
 
 def stage_chain(stage: str) -> Tuple[str, ...]:
-    """The stages ``stage`` builds on, ending with ``stage`` itself."""
-    if stage not in _CHAINS:
+    """The stages ``stage`` builds on, ending with ``stage`` itself: a search reports the
+    latency and AP of each (see :func:`retrieval_ext.retrieval.search.stage_chain`)."""
+    if stage not in STAGES:
         raise RequestError(f"stage: unknown stage {stage!r}; choose from {list(STAGES)}")
-    return _CHAINS[stage]
+    return search_stage_chain(stage)
 
 
 @dataclass
@@ -136,7 +131,6 @@ class SearchService:
         self.queries = get_dataset_dicts(f"{self.dataset}_query")
         self.metadata = get_retrieval_metadata(self.dataset)
         self.gnd = getattr(self.metadata, "gnd", None)
-        self.protocol = getattr(self.metadata, "protocol", "")
         db_dicts = get_dataset_dicts(f"{self.dataset}_db")
         self.positions = db_positions(index, db_dicts)  # index position -> dataset db_index
         self.default_top_n = int(engine.searcher.top_n)
@@ -312,17 +306,8 @@ class SearchService:
     def _judge(self, gt: _GroundTruth, order: np.ndarray) -> Tuple[float, np.ndarray]:
         """AP of a ranking (index positions) and a label per entry: 1 relevant, 0 not, -1 junk."""
         ranking = self.positions[order]
-        g = gt.gnd
-        if self.protocol == "ins":
-            shots = self.metadata.db_shots
-            relevant = set(g["relevant_shots"])
-            labels = np.asarray([1 if shots[r] in relevant else 0 for r in ranking], np.int8)
-            return metrics.ins_average_precision(ranking, shots, relevant), labels
-        pos, junk = (sorted(x) for x in judged_sets(self.protocol, g))
-        labels = np.zeros(len(ranking), np.int8)
-        labels[np.isin(ranking, pos)] = 1
-        labels[np.isin(ranking, junk)] = -1
-        return metrics.average_precision(ranking, pos, junk), labels
+        ap = query_average_precision(self.metadata, gt.gnd, ranking)
+        return ap, relevance_labels(self.metadata, gt.gnd, ranking)
 
     # -- search ----------------------------------------------------------------------------------
     def search(
@@ -356,6 +341,33 @@ class SearchService:
             None, "top_n", "qe_m"}.
         """
         chain = stage_chain(stage)
+        top_k, n, m, class_id = self._search_settings(stage, top_k, top_n, qe_m, class_id)
+        box, record, extraction = self._query_record(source, ident, box)
+        results = self.engine.searcher.search(record, chain, class_id, n, m)
+        gt = self.ground_truth(source, ident, box)
+        ap, labels = self._ap_and_labels(gt, chain, results, stage)
+        latency = {"extraction": extraction * 1e3}
+        latency.update({s: results[s].seconds * 1e3 for s in chain})
+        ground_truth = None
+        if gt is not None:
+            ground_truth = {
+                "object": gt.object_name,
+                "how": gt.how,
+                "num_relevant": num_relevant(self.metadata, gt.gnd),
+            }
+        return {
+            "stage": stage,
+            "box": [float(v) for v in box],
+            "top_n": n,
+            "qe_m": m,
+            "results": self._result_rows(results[stage], top_k, labels),
+            "latency_ms": latency,
+            "ap": ap,
+            "ground_truth": ground_truth,
+        }
+
+    def _search_settings(self, stage, top_k, top_n, qe_m, class_id):
+        """(top_k, N, M, class_id) of a search, checked; None N and M are the config's."""
         if stage not in self.stages():
             raise RequestError(
                 f"stage: {stage!r} needs a detector fine-tuned on the query objects; this index "
@@ -380,6 +392,10 @@ class SearchService:
                     f"class_id must be in [0, {len(self.class_names)}) (the query objects "
                     f"{self.class_names}), got {class_id}"
                 )
+        return top_k, n, m, class_id
+
+    def _query_record(self, source: str, ident, box):
+        """(the box as validated, the query record, seconds the extraction took)."""
         image = self.image_array(source, ident)
         where = f"query image {source}/{ident}"
         try:
@@ -391,24 +407,27 @@ class SearchService:
             record = self.engine.query_record(image, box)
         except InvalidBoxError as e:
             raise RequestError(str(e)) from None
-        extraction = time.perf_counter() - t
-        results = self.engine.searcher.search(record, chain, class_id, n, m)
-        final = results[stage]
-        gt = self.ground_truth(source, ident, box)
-        ap = None
-        labels = None
-        if gt is not None:
-            ap = {}
-            for s in chain:
-                value, lab = self._judge(gt, results[s].order)
-                ap[s] = None if np.isnan(value) else float(value)
-                if s == stage:
-                    labels = lab
-        hits = []
+        return box, record, time.perf_counter() - t
+
+    def _ap_and_labels(self, gt: Optional[_GroundTruth], chain, results, stage):
+        """({stage: AP or None} over the chain, relevance labels of ``stage``'s ranking), or
+        (None, None) without ground truth."""
+        if gt is None:
+            return None, None
+        ap, labels = {}, None
+        for s in chain:
+            value, lab = self._judge(gt, results[s].order)
+            ap[s] = None if np.isnan(value) else float(value)
+            if s == stage:
+                labels = lab
+        return ap, labels
+
+    def _result_rows(self, final, top_k: int, labels) -> List[dict]:
+        rows = []
         for hit in self.engine.hits(final, top_k):
             i = int(final.order[hit.rank - 1])
             w, h = self.size("db", i)
-            hits.append(
+            rows.append(
                 {
                     "rank": hit.rank,
                     "id": i,
@@ -421,29 +440,4 @@ class SearchService:
                     "relevant": None if labels is None else int(labels[hit.rank - 1]),
                 }
             )
-        latency = {"extraction": extraction * 1e3}
-        latency.update({s: results[s].seconds * 1e3 for s in chain})
-        ground_truth = None
-        if gt is not None:
-            ground_truth = {
-                "object": gt.object_name,
-                "how": gt.how,
-                "num_relevant": self._num_relevant(gt),
-            }
-        return {
-            "stage": stage,
-            "box": [float(v) for v in box],
-            "top_n": n,
-            "qe_m": m,
-            "results": hits,
-            "latency_ms": latency,
-            "ap": ap,
-            "ground_truth": ground_truth,
-        }
-
-    def _num_relevant(self, gt: _GroundTruth) -> int:
-        g = gt.gnd
-        if self.protocol == "ins":
-            relevant = set(g["relevant_shots"])
-            return int(sum(s in relevant for s in self.metadata.db_shots))
-        return len(judged_sets(self.protocol, g)[0])
+        return rows

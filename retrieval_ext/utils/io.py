@@ -23,6 +23,7 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_dir",
+    "fsync_dir",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -70,7 +71,8 @@ def _fsync_file(path: Path):
         os.close(fd)
 
 
-def _fsync_dir(path: Path):
+def fsync_dir(path: PathLike):
+    """Make a rename or creation inside ``path`` durable; a no-op where the OS refuses."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -117,7 +119,7 @@ def atomic_write(path: PathLike, writer_fn: Callable[[str], object]) -> str:
             raise OSError(errno.EIO, f"the writer did not create {tmp}")
         _fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         _remove(tmp)
         raise OutputWriteError(path, e) from e
@@ -193,7 +195,7 @@ def atomic_dir(path: PathLike) -> Iterator[str]:
             if had_old:
                 os.replace(old, path)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if had_old:
             _remove(old)
     except OSError as e:

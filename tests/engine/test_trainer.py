@@ -310,3 +310,25 @@ def test_negative_datasets_join_training_as_background_only_images(bench):
     cfg = setup_finetune_cfg(_cfg("ZF", ["MODEL.FINETUNE.NEGATIVE_DATASETS", "['nowhere']"]))
     with pytest.raises(KeyError, match="nowhere"):
         RetrievalTrainer.build_train_loader(cfg)
+
+
+def test_evaluator_follows_the_metadata_evaluator_type(bench, tmp_path):
+    """A DATASETS.TEST entry is evaluated by what its metadata says (detectron2's
+    build_evaluator), not by what its name looks like."""
+    from retrieval_ext.data.datasets import register_retrieval_dataset
+    from retrieval_ext.evaluation.retrieval_evaluator import RetrievalEvaluator
+
+    cfg = get_cfg()
+    add_retrieval_config(cfg)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    ev = RetrievalTrainer.build_evaluator(cfg, f"{NAME}_query")
+    assert isinstance(ev, RetrievalEvaluator) and ev.dataset == NAME
+    # the views of a retrieval dataset whose metadata names no evaluator
+    register_retrieval_dataset(
+        "ft_test_unjudged", lambda root: {}, str(tmp_path), evaluator_type=""
+    )
+    try:
+        with pytest.raises(ValueError, match="no evaluator for 'ft_test_unjudged_query'"):
+            RetrievalTrainer.build_evaluator(cfg, "ft_test_unjudged_query")
+    finally:
+        unregister_retrieval_dataset("ft_test_unjudged")

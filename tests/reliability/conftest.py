@@ -13,7 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval_ext.data.datasets import register_custom_dataset, unregister_retrieval_dataset
+from retrieval_ext.data.datasets import (
+    register_config_datasets,
+    register_custom_dataset,
+    unregister_retrieval_dataset,
+)
 from retrieval_ext.retrieval.extractor import FeatureExtractor
 from tests.common import CONFIGS, tiny_cfg, tiny_model
 
@@ -127,8 +131,8 @@ def search_engine(zf, tmp_path_factory):
     from detectron2.data import DatasetCatalog
 
     from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-    from retrieval_ext.retrieval import pipeline
     from retrieval_ext.retrieval.api import InstanceSearch
+    from retrieval_ext.retrieval.indexing import build_index
 
     tmp = tmp_path_factory.mktemp("engine")
     generate_synthetic_benchmark(
@@ -155,9 +159,9 @@ def search_engine(zf, tmp_path_factory):
         str(tmp / "out"),
     ]
     cfg = tiny_cfg("ZF", opts)
-    pipeline.register_config_datasets(cfg)
+    register_config_datasets(cfg)
     extractor = FeatureExtractor(cfg)
-    pipeline.build_index(
+    build_index(
         extractor,
         name,
         str(tmp / "out" / "index"),

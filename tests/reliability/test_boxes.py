@@ -18,7 +18,7 @@ from retrieval_ext.data.boxes import (
     warn_if_below_cell,
 )
 from retrieval_ext.data.datasets import load_custom
-from retrieval_ext.retrieval import pipeline
+from retrieval_ext.retrieval.queries import extract_queries
 
 from .conftest import make_extractor, pattern_image, register, write_collection
 
@@ -97,7 +97,7 @@ def test_extract_queries_checks_boxes_against_the_image(zf, tmp_path, registered
     )
     name = register(registered, "rel_box_out", root)
     with pytest.raises(InvalidBoxError) as e:
-        pipeline.extract_queries(extractor, name)
+        extract_queries(extractor, name)
     assert "query 'images/a'" in str(e.value) and "[45.0, 5.0, 60.0, 20.0]" in str(e.value)
     assert "outside the 40 x 30" in str(e.value)
 
@@ -108,7 +108,7 @@ def test_extract_queries_checks_boxes_against_the_image(zf, tmp_path, registered
         [("images/a.png", [20, 10, 55, 44], "obj"), ("images/b.png", [3, 3, 4, 4], "obj")],
     )
     name = register(registered, "rel_box_ok", root)
-    clamped, tiny = pipeline.extract_queries(extractor, name)
+    clamped, tiny = extract_queries(extractor, name)
     np.testing.assert_array_equal(clamped["box"], [20, 10, 40, 30])
     # ZF-tiny resizes 40 x 30 to 171 x 128 (shorter side 128, 40 * 128 / 30 = 170.7 rounded);
     # stride 16, so a cell is 16 * 40 / 171 = 3.74 by 16 * 30 / 128 = 3.75 original pixels

@@ -7,9 +7,10 @@ from detectron2.data import DatasetCatalog
 from retrieval_ext.config import add_retrieval_config
 from retrieval_ext.data.datasets import get_datasets_root, get_retrieval_metadata
 from retrieval_ext.data.datasets.builtin import register_all_retrieval
-from retrieval_ext.data.datasets.common import UnknownDatasetError
-from retrieval_ext.retrieval import pipeline
+from retrieval_ext.data.datasets.catalog import UnknownDatasetError, get_dataset_dicts
 from retrieval_ext.retrieval.index_store import IndexMismatchError
+from retrieval_ext.retrieval.indexing import build_index, open_index
+from retrieval_ext.retrieval.learned import load_or_learn_whitening
 from tests.common import tiny_model
 
 from .conftest import ZF_TINY, make_extractor, pattern_image, register, write_collection
@@ -17,8 +18,8 @@ from .conftest import ZF_TINY, make_extractor, pattern_image, register, write_co
 
 def test_unknown_dataset_lists_the_registered_ones(zf, tmp_path):
     for call in (
-        lambda: pipeline.get_dataset_dicts("oxfrod5k_db"),
-        lambda: pipeline.build_index(make_extractor(zf), "oxfrod5k", str(tmp_path / "i")),
+        lambda: get_dataset_dicts("oxfrod5k_db"),
+        lambda: build_index(make_extractor(zf), "oxfrod5k", str(tmp_path / "i")),
         lambda: get_retrieval_metadata("oxfrod5k"),
     ):
         with pytest.raises(UnknownDatasetError) as e:
@@ -60,7 +61,7 @@ def test_missing_root_and_gt_files_name_the_path_and_layout(tmp_path, registered
     (root / "images").mkdir(parents=True)
     name = register(registered, "rel_noqueries", root)
     with pytest.raises(FileNotFoundError) as e:
-        pipeline.get_dataset_dicts(f"{name}_query")
+        get_dataset_dicts(f"{name}_query")
     msg = str(e.value)
     assert str(root / "queries.json") in msg and "queries.json      [{" in msg
 
@@ -88,22 +89,22 @@ def test_index_of_another_model_or_config_is_refused(zf, tmp_path, registered):
     )
     name = register(registered, "rel_mismatch", root)
     index_dir = str(tmp_path / "index")
-    pipeline.build_index(make_extractor(zf), name, index_dir, show_progress=False)
+    build_index(make_extractor(zf), name, index_dir, show_progress=False)
 
     other_weights = make_extractor(zf, model=tiny_model("ZF", seed=1))
     with pytest.raises(IndexMismatchError) as e:
-        pipeline.open_index(index_dir, other_weights, name)
+        open_index(index_dir, other_weights, name)
     assert e.value.keys == ["weights_hash"] and "weights_hash" in str(e.value)
     with pytest.raises(IndexMismatchError, match="weights_hash"):  # no silent rebuild either
-        pipeline.build_index(other_weights, name, index_dir, show_progress=False)
+        build_index(other_weights, name, index_dir, show_progress=False)
 
     other_cfg = make_extractor(zf, ["INPUT.MIN_SIZE_TEST", "96"])
     with pytest.raises(IndexMismatchError) as e:
-        pipeline.open_index(index_dir, other_cfg, name)
+        open_index(index_dir, other_cfg, name)
     assert e.value.keys == ["model_config"]
     assert "MIN_SIZE_TEST: 128" in str(e.value) and "MIN_SIZE_TEST: 96" in str(e.value)
     # the refused index is untouched and still opens with its own model
-    assert pipeline.open_index(index_dir, make_extractor(zf), name).num_images == 3
+    assert open_index(index_dir, make_extractor(zf), name).num_images == 3
 
 
 def test_whitening_on_the_test_dataset_warns_about_the_leak(zf, tmp_path, registered, logs):
@@ -114,16 +115,12 @@ def test_whitening_on_the_test_dataset_warns_about_the_leak(zf, tmp_path, regist
     )
     name = register(registered, "rel_leak", root)
     extractor = make_extractor(zf)
-    w = pipeline.load_or_learn_whitening(
-        extractor, name, name, str(tmp_path / "w"), show_progress=False
-    )
+    w = load_or_learn_whitening(extractor, name, name, str(tmp_path / "w"), show_progress=False)
     assert w is not None
     assert any("leaks ground truth" in m and repr(name) in m for m in logs.warnings())
     n = len(logs.warnings())
     other = register(registered, "rel_leak_other", root)
-    pipeline.load_or_learn_whitening(
-        extractor, other, name, str(tmp_path / "w2"), show_progress=False
-    )
+    load_or_learn_whitening(extractor, other, name, str(tmp_path / "w2"), show_progress=False)
     assert len(logs.warnings()) == n  # another dataset: no warning
 
 

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from retrieval_ext.data.mapper import RetrievalDatasetMapper, UnreadableImageError, read_image
-from retrieval_ext.retrieval import pipeline
+from retrieval_ext.retrieval.indexing import build_index
+from retrieval_ext.retrieval.queries import extract_queries
 from tests.common import tiny_cfg
 
 from .conftest import make_extractor, pattern_image, register, write_collection
@@ -172,7 +173,7 @@ def test_indexing_a_collection_of_every_kind(zf, tmp_path, registered, logs):
     )
     name = register(registered, "rel_every", root)
     extractor = make_extractor(zf)
-    index = pipeline.build_index(
+    index = build_index(
         extractor, name, str(tmp_path / "index"), shard_size=3, dtype="float32", show_progress=False
     )
 
@@ -207,13 +208,13 @@ def test_indexing_a_collection_of_every_kind(zf, tmp_path, registered, logs):
         assert (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
 
     # the query on the EXIF-rotated file, box in the displayed frame, equals the upright query
-    (q,) = pipeline.extract_queries(extractor, name)
+    (q,) = extract_queries(extractor, name)
     ref = extractor.query_record_from_image(upright[..., ::-1].copy(), [10, 5, 60, 40])  # BGR
     for k in ("ipa_sum", "crop_max", "rpa_max", "box"):
         np.testing.assert_allclose(q[k], ref[k], rtol=1e-5, atol=1e-5)
 
     # a rerun reuses the complete index, listing the same failures
-    again = pipeline.build_index(
+    again = build_index(
         extractor, name, str(tmp_path / "index"), dtype="float32", show_progress=False
     )
     assert again.image_ids == stored and again.failed == index.failed

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from retrieval_ext.retrieval import pipeline
 from retrieval_ext.retrieval.extractor import FeatureExtractor
 from retrieval_ext.retrieval.index_store import IndexReader, IndexWriteError
+from retrieval_ext.retrieval.indexing import build_index
+from retrieval_ext.retrieval.queries import extract_queries
 from retrieval_ext.utils.io import OutputWriteError, atomic_dir, atomic_write, atomic_write_json
 from tests.common import REPO_ROOT, tiny_cfg
 
@@ -104,7 +105,7 @@ def test_sigkill_during_indexing_then_rerun(zf, tmp_path, registered):
     assert list(resumed.failed) == ["images/zz_broken.jpg"]
     # an uninterrupted run, in this process, with other shard boundaries
     cfg = tiny_cfg("ZF", opts)
-    reference = pipeline.build_index(
+    reference = build_index(
         FeatureExtractor(cfg),
         name,
         str(tmp_path / "ref"),
@@ -134,7 +135,7 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
     # the second shard cannot be renamed into place: the disk is full
     _enospc_for(monkeypatch, lambda src, dst: os.path.basename(dst) == "rank000-00001")
     with pytest.raises(IndexWriteError) as e:
-        pipeline.build_index(
+        build_index(
             extractor, name, str(index_dir), shard_size=2, dtype="float32", show_progress=False
         )
     msg = str(e.value)
@@ -143,10 +144,10 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
     assert _shard_names(index_dir) == ["rank000-00000"]  # the complete shard is intact
     monkeypatch.undo()
 
-    resumed = pipeline.build_index(
+    resumed = build_index(
         extractor, name, str(index_dir), shard_size=2, dtype="float32", show_progress=False
     )
-    reference = pipeline.build_index(
+    reference = build_index(
         extractor, name, str(tmp_path / "ref"), shard_size=7, dtype="float32", show_progress=False
     )
     _assert_same_index(resumed, reference)
@@ -154,7 +155,7 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
     # an index under a regular file: a clear error, nothing else touched
     (tmp_path / "file").write_text("x")
     with pytest.raises(IndexWriteError, match="Not a directory"):
-        pipeline.build_index(extractor, name, str(tmp_path / "file" / "index"), show_progress=False)
+        build_index(extractor, name, str(tmp_path / "file" / "index"), show_progress=False)
 
 
 def _load_retrieve_tool():
@@ -238,13 +239,13 @@ def test_query_cache_is_rebuilt_when_corrupt_or_stale(zf, tmp_path, registered, 
     name = register(registered, "rel_cache", root)
     extractor = make_extractor(zf)
     cache_dir = tmp_path / "cache"
-    (first,) = pipeline.extract_queries(extractor, name, cache_dir=str(cache_dir))
+    (first,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
     (cache,) = list(cache_dir.glob("queries-*.npz"))
-    (cached,) = pipeline.extract_queries(extractor, name, cache_dir=str(cache_dir))
+    (cached,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
     np.testing.assert_array_equal(cached["crop_max"], first["crop_max"])
 
     cache.write_bytes(b"PK\x03\x04 torn by an old, non-atomic writer")
-    (again,) = pipeline.extract_queries(extractor, name, cache_dir=str(cache_dir))
+    (again,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
     np.testing.assert_array_equal(again["crop_max"], first["crop_max"])
     assert any("ignoring the unreadable query cache" in w for w in logs.warnings())
     np.load(cache)  # rewritten whole
@@ -252,5 +253,5 @@ def test_query_cache_is_rebuilt_when_corrupt_or_stale(zf, tmp_path, registered, 
     # same image id, another box: the cache must not answer
     write_collection(root, {}, [("images/a.png", [10, 10, 40, 35], "o")])
     register(registered, name, root)
-    (moved,) = pipeline.extract_queries(extractor, name, cache_dir=str(cache_dir))
+    (moved,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
     np.testing.assert_array_equal(moved["box"], [10, 10, 40, 35])

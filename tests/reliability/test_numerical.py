@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval_ext.retrieval import pipeline
-from retrieval_ext.retrieval.search import STAGES
+from retrieval_ext.retrieval.indexing import build_index
+from retrieval_ext.retrieval.learned import load_or_learn_whitening
+from retrieval_ext.retrieval.pipeline import search_all
+from retrieval_ext.retrieval.queries import extract_queries
+from retrieval_ext.retrieval.search import STAGES, IndexSearcher
 
 from .conftest import make_extractor, pattern_image, register, write_collection
 
@@ -50,7 +53,7 @@ def _rank(scores):
 
 def _searcher(index, top_n, qe_m, zf):
     cfg = make_extractor(zf, ["RETRIEVAL.TOP_N", str(top_n), "RETRIEVAL.QE_M", str(qe_m)]).cfg
-    return pipeline.build_searcher(cfg, index, None)
+    return IndexSearcher(cfg, index, None)
 
 
 def test_black_dead_and_proposal_less_images(zf, tmp_path, registered):
@@ -69,17 +72,15 @@ def test_black_dead_and_proposal_less_images(zf, tmp_path, registered):
     name = register(registered, "rel_numeric", root)
     model = FaultyModel(zf["model"], no_proposals=["d_noprop.png"], dead=["c_dead.png"])
     extractor = make_extractor(zf, model=model)
-    index = pipeline.build_index(
-        extractor, name, str(tmp_path / "i"), dtype="float32", show_progress=False
-    )
-    queries = pipeline.extract_queries(extractor, name)
+    index = build_index(extractor, name, str(tmp_path / "i"), dtype="float32", show_progress=False)
+    queries = extract_queries(extractor, name)
     n = index.num_images
     dead, noprop = index.index_of("images/c_dead"), index.index_of("images/d_noprop")
     assert n == 5 and index.num_proposals(noprop) == 0
     assert not index.image_vectors("ipa_sum")[dead].any()
 
     # TOP_N 100 > 5 images, QE_M 10 > 5 images
-    results = pipeline.search_all(_searcher(index, 100, 10, zf), queries, CA_STAGES)
+    results = search_all(_searcher(index, 100, 10, zf), queries, CA_STAGES)
     db_vec = _l2(index.image_vectors("ipa_sum"))
     for qi, q in enumerate(queries):
         for stage in CA_STAGES:
@@ -118,9 +119,9 @@ def test_database_of_one_image(zf, tmp_path, registered):
     )
     name = register(registered, "rel_one", root)
     extractor = make_extractor(zf)
-    index = pipeline.build_index(extractor, name, str(tmp_path / "i"), show_progress=False)
-    queries = pipeline.extract_queries(extractor, name)
-    results = pipeline.search_all(_searcher(index, 100, 5, zf), queries, CA_STAGES)
+    index = build_index(extractor, name, str(tmp_path / "i"), show_progress=False)
+    queries = extract_queries(extractor, name)
+    results = search_all(_searcher(index, 100, 5, zf), queries, CA_STAGES)
     for stage in CA_STAGES:
         (r,) = results[stage]
         assert r.order.tolist() == [0] and np.isfinite(r.scores).all(), stage
@@ -128,9 +129,7 @@ def test_database_of_one_image(zf, tmp_path, registered):
     # the same image as query and database: cosine 1 at filtering
     assert results["filtering"][0].scores[0] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match=r"cannot learn the whitening on 'rel_one' \(1 readable"):
-        pipeline.load_or_learn_whitening(
-            extractor, name, "other", str(tmp_path / "w"), show_progress=False
-        )
+        load_or_learn_whitening(extractor, name, "other", str(tmp_path / "w"), show_progress=False)
 
 
 def test_no_readable_database_image_is_a_clear_error(zf, tmp_path, registered):
@@ -141,4 +140,4 @@ def test_no_readable_database_image_is_a_clear_error(zf, tmp_path, registered):
     )
     name = register(registered, "rel_none", root)
     with pytest.raises(ValueError, match=r"none of the 2 database images of rel_none_db"):
-        pipeline.build_index(make_extractor(zf), name, str(tmp_path / "i"), show_progress=False)
+        build_index(make_extractor(zf), name, str(tmp_path / "i"), show_progress=False)

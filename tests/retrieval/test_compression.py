@@ -11,7 +11,7 @@ from retrieval_ext.retrieval.compression import (
     quantize_int8,
 )
 from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
-from retrieval_ext.retrieval.search import InstanceSearcher
+from retrieval_ext.retrieval.search import IndexSearcher
 
 
 def test_quantize_int8_hand_example():
@@ -83,7 +83,7 @@ def test_compressed_index_search_equals_brute_force(tmp_path, dtype):
         return p / np.linalg.norm(p, axis=1, keepdims=True)
 
     query = {"ipa_sum": rng.random(16), "ipa_max": rng.random(16), "crop_max": rng.random(16)}
-    res = InstanceSearcher(dst, top_n=10).search(query, ["filtering", "ca_sr"])["ca_sr"]
+    res = IndexSearcher(dst, top_n=10).search(query, ["filtering", "ca_sr"])["ca_sr"]
     qv = query["crop_max"] / np.linalg.norm(query["crop_max"])
     qp = (qv - comp.mean) @ comp.components.T
     qp /= np.linalg.norm(qp)
@@ -124,7 +124,7 @@ def test_blocked_ca_sr_equals_per_image_brute_force(monkeypatch, dtype):
 
 
 def test_prepare_compressed_index_and_writer_round_trip(tmp_path):
-    from retrieval_ext.retrieval.pipeline import prepare_compressed_index
+    from retrieval_ext.retrieval.indexing import prepare_compressed_index
 
     base = default_schema()
     assert prepare_compressed_index(None, base, {"m": 1}, str(tmp_path)) == (base, {"m": 1})

@@ -81,7 +81,7 @@ def test_approximate_index_recall_save_and_reload(kind, tmp_path):
 
 def test_searcher_faiss_backend_matches_numpy_backend(tmp_path):
     from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
-    from retrieval_ext.retrieval.search import InstanceSearcher
+    from retrieval_ext.retrieval.search import IndexSearcher
 
     rng = np.random.default_rng(3)
     with IndexWriter(tmp_path, {"t": 1}, 4, "float32", 0, default_schema()) as w:
@@ -106,10 +106,8 @@ def test_searcher_faiss_backend_matches_numpy_backend(tmp_path):
     )
     index = IndexReader(tmp_path)
     query = {"ipa_sum": rng.random(8), "ipa_max": rng.random(8), "crop_max": rng.random(8)}
-    a = InstanceSearcher(index, top_n=5).search(query, ["filtering", "ca_sr"])
-    b = InstanceSearcher(index, top_n=5, filter_backend="faiss").search(
-        query, ["filtering", "ca_sr"]
-    )
+    a = IndexSearcher(index, top_n=5).search(query, ["filtering", "ca_sr"])
+    b = IndexSearcher(index, top_n=5, filter_backend="faiss").search(query, ["filtering", "ca_sr"])
     for s in a:
         assert a[s].order.tolist() == b[s].order.tolist()
         assert np.allclose(a[s].scores, b[s].scores, atol=1e-5)

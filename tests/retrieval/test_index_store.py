@@ -56,7 +56,8 @@ _ns = {}
 exec(GEN_SRC, _ns)
 make_record = _ns["make_record"]
 
-MODULE_PATH = str(Path(index_store.__file__).resolve())
+# the folder holding the retrieval_ext package
+PACKAGE_PARENT = str(Path(index_store.__file__).resolve().parents[3])
 MANIFEST = {
     "dataset": "toy_db",
     "model_config": "MODEL:\n  META_ARCHITECTURE: X\n",
@@ -211,12 +212,16 @@ def test_resume_after_simulated_crash(tmp_path):
     assert_same_index(IndexReader(root), IndexReader(tmp_path / "ref"))
 
 
+# The child imports the index store without retrieval_ext/__init__.py (which registers the models
+# and datasets, importing torch and detectron2): a bare package module stands in for it.
 CHILD = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("index_store_child", {module!r})
-m = importlib.util.module_from_spec(spec)
-sys.modules["index_store_child"] = m
-spec.loader.exec_module(m)
+import os, sys, time, types
+pkg = types.ModuleType("retrieval_ext")
+pkg.__path__ = [os.path.join({parent!r}, "retrieval_ext")]
+sys.modules["retrieval_ext"] = pkg
+import retrieval_ext.retrieval.index_store as m
+heavy = sorted(n for n in ("torch", "detectron2") if n in sys.modules)
+assert not heavy, f"the index store imported {{heavy}}"
 ns = {{}}
 exec({gen!r}, ns)
 w = m.IndexWriter({root!r}, {manifest!r}, shard_size=4, dtype="float16")
@@ -231,7 +236,9 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     n = 100
     names = ids(n)
     root = tmp_path / "idx"
-    script = CHILD.format(module=MODULE_PATH, gen=GEN_SRC, root=str(root), manifest=MANIFEST, n=n)
+    script = CHILD.format(
+        parent=PACKAGE_PARENT, gen=GEN_SRC, root=str(root), manifest=MANIFEST, n=n
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not complete_shards(root):
@@ -400,7 +407,7 @@ def test_disk_full_keeps_finalized_index_intact(tmp_path, monkeypatch):
     w = IndexWriter(tmp_path, MANIFEST, shard_size=4)
     for n in ids(2, start=6):
         w.add(n, make_record(int(n[3:])))
-    monkeypatch.setattr(index_store.os, "replace", no_space)
+    monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(IndexWriteError, match="No space left on device") as info:
         w.flush()
     assert "rank000-00002" in str(info.value)
@@ -414,7 +421,7 @@ def test_disk_full_keeps_finalized_index_intact(tmp_path, monkeypatch):
     for n in ids(2, start=6):
         w.add(n, make_record(int(n[3:])))
     w.flush()
-    monkeypatch.setattr(index_store.os, "replace", no_space)
+    monkeypatch.setattr(os, "replace", no_space)
     with pytest.raises(IndexWriteError, match="manifest.json"):
         w.finalize(names + ids(2, start=6))
     monkeypatch.undo()
@@ -563,7 +570,7 @@ def test_fine_tuning_settings_do_not_make_an_index_foreign(tmp_path):
     network computes: an index stays usable when those keys change or new ones appear (indexes
     written before held them in their config text), while a feature-shaping key still counts."""
     from retrieval_ext.retrieval.extractor import model_fingerprint
-    from retrieval_ext.retrieval.pipeline import MANIFEST_NORMALIZERS
+    from retrieval_ext.retrieval.indexing import MANIFEST_NORMALIZERS
     from tests.common import tiny_cfg, tiny_model
 
     model = tiny_model("ZF")

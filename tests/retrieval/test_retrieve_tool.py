@@ -6,6 +6,7 @@ numpy loops), and the mAP from the ground truth with an AP written here.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,21 @@ def test_reported_map_matches_ground_truth(run):
     assert set(lat) == set(results)
     for v in lat.values():  # each stage ran for every query: a real, positive duration
         assert 0 < v["median_ms"] < 60_000 and v["mean_ms"] > 0
+
+
+def test_gallery_captions_count_the_relevant_results(run):
+    """visualize draws the last stage's top VIS_TOP_K (3) per query; its caption counts the
+    positives of relevance.json among them (junk is not counted)."""
+    out = run["out"]
+    rel = json.loads((run["tmp"] / "synthetic" / "relevance.json").read_text())
+    queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
+    top = np.load(out / "rankings.npz")["ca_sr_qe/image_ids"][:, :3]
+    html = (out / "visualization" / "index.html").read_text()
+    expected = []
+    for qi, qd in enumerate(queries):
+        pos = {os.path.splitext(p)[0] for p in rel[qd["object"]]["positives"]}
+        expected.append(f"{sum(i in pos for i in top[qi])}/3 relevant (ca_sr_qe)")
+    assert re.findall(r"<p>(\d+/3 relevant \(ca_sr_qe\))</p>", html) == expected
 
 
 def test_index_is_reused_and_mismatching_model_is_refused(run):

@@ -17,10 +17,11 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from retrieval_ext.config import add_retrieval_config
-from retrieval_ext.data.datasets import unregister_retrieval_dataset
+from retrieval_ext.data.datasets import register_config_datasets, unregister_retrieval_dataset
 from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-from retrieval_ext.retrieval import pipeline
 from retrieval_ext.retrieval.extractor import FeatureExtractor
+from retrieval_ext.retrieval.paths import index_paths
+from retrieval_ext.retrieval.pipeline import prepare_index
 from tests.common import CONFIGS
 
 DATASET = "ui_synth"
@@ -86,8 +87,8 @@ def ui_index(tmp_path_factory):
     torch.save({"model": model.state_dict()}, tmp / "model.pth")
     opts += ["MODEL.WEIGHTS", str(tmp / "model.pth")]
     cfg = make_cfg(config_file, opts)
-    pipeline.register_config_datasets(cfg)
-    pipeline.prepare_index(cfg, FeatureExtractor(cfg), DATASET, str(tmp / "index"))
+    register_config_datasets(cfg)
+    prepare_index(cfg, FeatureExtractor(cfg), DATASET, index_paths(cfg))
     yield UIIndex(
         root=root,
         opts=opts,

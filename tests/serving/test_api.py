@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
 import retrieval_ext
-from retrieval_ext.retrieval.api import InstanceSearch
+from retrieval_ext import InstanceSearch
 from retrieval_ext.serving.app import create_app
 from retrieval_ext.serving.service import SearchService
 from tests.common import written_out_ap
@@ -55,6 +55,23 @@ def small_client(engine):
     )
     with TestClient(create_app(service)) as c:
         yield c
+
+
+def test_the_python_api_loads_the_whitening_learned_beside_its_index(engine, ui_index):
+    """RETRIEVAL.INDEX_DIR is set (tmp/index, OUTPUT_DIR tmp/out): indexing learned the whitening
+    in the index's parent folder, and the API uses that one instead of indexing the whitening
+    dataset and learning it again under OUTPUT_DIR."""
+    from retrieval_ext.retrieval.normalization import PCAWhitening
+
+    from .conftest import WHITEN
+
+    beside = Path(ui_index.cfg.RETRIEVAL.INDEX_DIR).parent
+    (saved,) = beside.glob(f"whitening-{WHITEN}-*.npz")
+    expected = PCAWhitening.load(saved)
+    np.testing.assert_array_equal(engine.searcher.whitening.projection, expected.projection)
+    np.testing.assert_array_equal(engine.searcher.whitening.mean, expected.mean)
+    out = Path(ui_index.cfg.OUTPUT_DIR)
+    assert not list(out.glob("whitening-*")) and not (out / f"index-{WHITEN}").exists()
 
 
 @pytest.fixture(scope="module")
@@ -897,8 +914,9 @@ def cs_engine(ui_index, tmp_path_factory):
     from detectron2.config import get_cfg
 
     from retrieval_ext.config import add_retrieval_config
-    from retrieval_ext.retrieval import pipeline
     from retrieval_ext.retrieval.extractor import FeatureExtractor
+    from retrieval_ext.retrieval.paths import index_paths
+    from retrieval_ext.retrieval.pipeline import prepare_index
 
     tmp = tmp_path_factory.mktemp("cs_index")
 
@@ -921,7 +939,7 @@ def cs_engine(ui_index, tmp_path_factory):
         "OUTPUT_DIR",
         str(tmp / "out"),
     )
-    pipeline.prepare_index(cfg, FeatureExtractor(cfg), cfg.RETRIEVAL.DATASET, str(tmp / "index"))
+    prepare_index(cfg, FeatureExtractor(cfg), cfg.RETRIEVAL.DATASET, index_paths(cfg))
     return InstanceSearch(cfg)
 
 

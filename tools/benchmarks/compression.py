@@ -64,19 +64,20 @@ def _build_indexes(cfg, name, other, tmp):
     Returns:
         (reference index, queries, PCA-learning region vectors, indexing seconds)
     """
-    from retrieval_ext.retrieval import pipeline
     from retrieval_ext.retrieval.extractor import FeatureExtractor
+    from retrieval_ext.retrieval.indexing import build_index
+    from retrieval_ext.retrieval.queries import extract_queries
 
     extractor = FeatureExtractor(cfg, model=build_model(cfg))
     t = time.perf_counter()
-    ref = pipeline.build_index(
+    ref = build_index(
         extractor, name, os.path.join(tmp, "index"), dtype="float32", show_progress=False
     )
-    pca_index = pipeline.build_index(
+    pca_index = build_index(
         extractor, other, os.path.join(tmp, "index_pca"), dtype="float32", show_progress=False
     )
     index_s = time.perf_counter() - t
-    queries = pipeline.extract_queries(extractor, name)
+    queries = extract_queries(extractor, name)
     pca_vecs = np.concatenate(
         [
             np.asarray(pca_index.regions(i)[f])
@@ -90,13 +91,13 @@ def _build_indexes(cfg, name, other, tmp):
 def _measure_options(options, name, tmp, ref, queries, pca_vecs):
     """Compress ``ref`` with each option, search every query, score filtering and CA-SR."""
     from retrieval_ext.data.datasets import get_retrieval_metadata
+    from retrieval_ext.data.datasets.catalog import get_dataset_dicts
     from retrieval_ext.evaluation.evaluator import db_positions, evaluate_stages
-    from retrieval_ext.retrieval import pipeline
     from retrieval_ext.retrieval.compression import RegionCompression, compress_index
-    from retrieval_ext.retrieval.search import InstanceSearcher
+    from retrieval_ext.retrieval.search import IndexSearcher
 
     meta = get_retrieval_metadata(name)
-    positions = db_positions(ref, pipeline.get_dataset_dicts(f"{name}_db"))
+    positions = db_positions(ref, get_dataset_dicts(f"{name}_db"))
     rows = []
     for label, props, dim, dtype in options:
         if dtype == "float32" and not props and not dim:
@@ -104,7 +105,7 @@ def _measure_options(options, name, tmp, ref, queries, pca_vecs):
         else:
             comp = RegionCompression.learn(pca_vecs, props, dim, dtype)
             index = compress_index(ref, os.path.join(tmp, f"c{len(rows)}"), comp)
-        searcher = InstanceSearcher(index, top_n=min(100, ref.num_images))
+        searcher = IndexSearcher(index, top_n=min(100, ref.num_images))
         results = {"filtering": [], "ca_sr": []}
         for q in queries:
             out = searcher.search(q, ["filtering", "ca_sr"])

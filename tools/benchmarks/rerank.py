@@ -114,18 +114,21 @@ def _measure(args, cfg, name, tmp, top_n):
     Returns:
         (per-query comparison dicts, the index reader, index build seconds)
     """
-    from retrieval_ext.retrieval import pipeline
+    from retrieval_ext.data.datasets.catalog import get_dataset_dicts
     from retrieval_ext.retrieval.extractor import FeatureExtractor
+    from retrieval_ext.retrieval.indexing import build_index
+    from retrieval_ext.retrieval.queries import extract_queries
+    from retrieval_ext.retrieval.search import IndexSearcher
 
     extractor = FeatureExtractor(cfg, model=build_model(cfg))
     t = time.perf_counter()
-    index = pipeline.build_index(
+    index = build_index(
         extractor, name, os.path.join(tmp, "index"), dtype=args.index_dtype, show_progress=False
     )
     index_seconds = time.perf_counter() - t
-    queries = pipeline.extract_queries(extractor, name)
-    searcher = pipeline.build_searcher(cfg, index, None)
-    dicts = {d["image_id"]: d for d in pipeline.get_dataset_dicts(f"{name}_db")}
+    queries = extract_queries(extractor, name)
+    searcher = IndexSearcher(cfg, index, None)
+    dicts = {d["image_id"]: d for d in get_dataset_dicts(f"{name}_db")}
     per_query = []
     for qi, q in enumerate(queries):
         stored_s, res = [], None

@@ -76,9 +76,9 @@ def _ca_sr_by_span(rng, index, queries, args):
 
 
 def _time_ca_sr(rng, args) -> dict:
-    """CA-SR of the top N through ``InstanceSearcher`` on a memory-mapped synthetic index."""
+    """CA-SR of the top N through ``IndexSearcher`` on a memory-mapped synthetic index."""
     from retrieval_ext.retrieval.index_store import IndexReader
-    from retrieval_ext.retrieval.search import InstanceSearcher
+    from retrieval_ext.retrieval.search import IndexSearcher
 
     with tempfile.TemporaryDirectory(prefix="retrieval_bench_index_") as tmp:
         t = time.perf_counter()
@@ -88,7 +88,7 @@ def _time_ca_sr(rng, args) -> dict:
         write_s = time.perf_counter() - t
         index = IndexReader(tmp, mmap=True)
         nbytes = index.nbytes_per_image()["total"]
-        searcher = InstanceSearcher(index, top_n=args.top_n)
+        searcher = IndexSearcher(index, top_n=args.top_n)
         queries = [
             {"ipa_sum": v, "crop_max": r}
             for v, r in zip(
@@ -99,7 +99,7 @@ def _time_ca_sr(rng, args) -> dict:
         searcher.search(queries[0], ["ca_sr"])  # warm-up
         ca = [searcher.search(q, ["ca_sr"])["ca_sr"].seconds for q in queries]
         ca_ms = float(np.median(ca)) * 1000.0
-        print(f"  CA-SR N={args.top_n} via InstanceSearcher: {ca_ms:.2f} ms", flush=True)
+        print(f"  CA-SR N={args.top_n} via IndexSearcher: {ca_ms:.2f} ms", flush=True)
         by_span = _ca_sr_by_span(rng, index, queries, args)
     return {
         "median_ms": ca_ms,

@@ -1,11 +1,17 @@
 """Retrieval datasets registered in detectron2's catalogs (see :mod:`.builtin` for the names)."""
 
 from . import builtin as _builtin  # noqa: F401  registers the built-in datasets
+from .catalog import (
+    UnknownDatasetError,
+    get_dataset_dicts,
+    get_retrieval_metadata,
+    register_config_datasets,
+    retrieval_dataset_name,
+)
 from .common import (
     RetrievalData,
     clear_retrieval_cache,
     get_datasets_root,
-    get_retrieval_metadata,
     register_retrieval_dataset,
     unregister_retrieval_dataset,
 )
@@ -16,14 +22,18 @@ from .revisited import load_revisited
 
 __all__ = [
     "RetrievalData",
+    "UnknownDatasetError",
     "clear_retrieval_cache",
+    "get_dataset_dicts",
     "get_datasets_root",
     "get_retrieval_metadata",
     "load_custom",
     "load_ins13",
     "load_oxford_paris",
     "load_revisited",
+    "register_config_datasets",
     "register_custom_dataset",
     "register_retrieval_dataset",
+    "retrieval_dataset_name",
     "unregister_retrieval_dataset",
 ]

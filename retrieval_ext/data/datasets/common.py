@@ -11,8 +11,8 @@ Every retrieval dataset ``NAME`` is registered as three views in ``DatasetCatalo
 A loader ``loader_fn(root) -> RetrievalData`` computes all three views and the metadata at once;
 :func:`register_retrieval_dataset` registers the views lazily (nothing is read until a view is
 requested) and sets the computed metadata (ground truth, class names) on all three names the first
-time any view is loaded. Use :func:`get_retrieval_metadata` to get metadata that is guaranteed to
-hold the ground truth.
+time any view is loaded. Use :func:`.catalog.get_retrieval_metadata` to get metadata that is
+guaranteed to hold the ground truth.
 """
 
 import contextvars
@@ -33,12 +33,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "RetrievalData",
     "VIEWS",
-    "UnknownDatasetError",
     "check_images",
     "clear_retrieval_cache",
     "expected_layout",
     "get_datasets_root",
-    "get_retrieval_metadata",
     "image_size",
     "index_images",
     "make_finetune_dicts",
@@ -446,58 +444,8 @@ def clear_retrieval_cache(name: Optional[str] = None) -> None:
         _CACHE.pop(name, None)
 
 
-_VIEW_SUFFIX = re.compile(r"_(db|query|finetune)$")
-
-
 def registered_retrieval_datasets() -> List[str]:
     """Names of the registered retrieval datasets (each has ``_db``, ``_query``, ``_finetune``)."""
     names = set(_REGISTRY)
     names.update(n[: -len("_query")] for n in DatasetCatalog.list() if n.endswith("_query"))
     return sorted(n for n in names if all(f"{n}_{v}" in DatasetCatalog for v in ("db", "query")))
-
-
-class UnknownDatasetError(KeyError):
-    """A dataset name that is not registered; the message lists the registered ones.
-
-    Attributes:
-        name (str): the unknown name.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        known = registered_retrieval_datasets()
-        self.message = (
-            f"Retrieval dataset {name!r} is not registered; registered retrieval datasets: "
-            f"{', '.join(known) or '(none)'}. Register your own folder with "
-            "RETRIEVAL.CUSTOM_DATASETS ['name=/path'] or register_custom_dataset (see "
-            "datasets/README.md)"
-        )
-        super().__init__(self.message)
-
-    def __str__(self) -> str:  # KeyError would print the message in quotes
-        return self.message
-
-
-def get_retrieval_metadata(name: str):
-    """Metadata of a retrieval dataset, with the ground truth loaded.
-
-    Args:
-        name: the dataset name (``"paris6k"``) or one of its views (``"paris6k_query"``).
-
-    Returns:
-        detectron2 Metadata of ``NAME_query``: ``evaluator_type``, ``protocol``,
-        ``thing_classes``, ``db_dataset``, ``query_dataset``, ``gnd`` (None when the dataset has
-        no judgements), ``dataset_root`` and protocol-specific keys.
-    """
-    base = name
-    if f"{name}_query" not in DatasetCatalog and _VIEW_SUFFIX.search(name):
-        base = _VIEW_SUFFIX.sub("", name)
-    query_name = f"{base}_query"
-    if query_name not in DatasetCatalog:
-        raise UnknownDatasetError(name)
-    meta = MetadataCatalog.get(query_name)
-    if not hasattr(meta, "gnd"):
-        DatasetCatalog.get(query_name)
-        # the loader may have rebuilt the entry (see _set_metadata)
-        meta = MetadataCatalog.get(query_name)
-    return meta

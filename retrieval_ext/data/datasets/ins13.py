@@ -104,24 +104,9 @@ def read_qrels(path: str) -> Dict[str, Set[str]]:
     return out
 
 
-def load_ins13(root: str, subset: bool = False) -> RetrievalData:
-    """Loads TRECVid INS 2013.
-
-    Args:
-        root: the dataset folder (``$DETECTRON2_DATASETS/ins13``).
-        subset: keep only keyframes of shots relevant to at least one topic (the paper's
-            23,614-keyframe subset).
-
-    Returns:
-        RetrievalData: db dicts carry ``"shot"``; one query per example image (category = topic,
-        classes = topic ids as strings, numerically sorted); metadata with ``protocol="ins"``,
-        ``gnd[i] = {"relevant_shots": sorted shot ids}`` and ``db_shots`` (shot per db image).
-    """
-    root = require_dir(root, "ins13 folder")
-    examples_dir = require_dir(os.path.join(root, EXAMPLES_DIR), "ins13 example images")
-    keyframes_dir = require_dir(os.path.join(root, KEYFRAMES_DIR), "ins13 keyframes")
-    qrels_path = require_file(os.path.join(root, QRELS_FILE), "ins13 qrels")
-
+def _read_examples(examples_dir: str):
+    """The query dicts of the ``<topic>.<n>.src.png`` examples (box from their masks) and the
+    classes (topic ids as strings, numerically sorted)."""
     examples = []
     for fn in os.listdir(examples_dir):
         m = _EXAMPLE.match(fn)
@@ -133,7 +118,6 @@ def load_ins13(root: str, subset: bool = False) -> RetrievalData:
         )
     examples.sort()
     classes = [str(t) for t in sorted({t for t, _, _ in examples})]
-    qrels = read_qrels(qrels_path)
 
     queries = []
     for topic, n, fn in examples:
@@ -156,20 +140,18 @@ def load_ins13(root: str, subset: bool = False) -> RetrievalData:
                 "object_name": str(topic),
             }
         )
+    return queries, classes
 
-    missing_topics = [t for t in classes if t not in qrels]
-    if missing_topics:
-        logger.warning(f"ins13: {qrels_path} judges no shot of topics {missing_topics}")
-    relevant = {t: sorted(qrels.get(t, ())) for t in classes}
-    relevant_any = {s for shots in relevant.values() for s in shots}
 
+def _read_keyframes(keyframes_dir: str, keep_shots=None) -> list:
+    """Database dicts (with ``"shot"``) of the keyframes, only those of ``keep_shots`` if given."""
     db, unnamed = [], []
     for stem, path in index_images(keyframes_dir, IMAGE_EXTENSIONS).items():
         shot = shot_of_keyframe(stem)
         if shot is None:
             unnamed.append(path)
             continue
-        if subset and shot not in relevant_any:
+        if keep_shots is not None and shot not in keep_shots:
             continue
         db.append({"file_name": path, "image_id": stem, "db_index": len(db), "shot": shot})
     if unnamed:
@@ -179,6 +161,37 @@ def load_ins13(root: str, subset: bool = False) -> RetrievalData:
         )
     if not db:
         raise FileNotFoundError(f"No keyframes found under {keyframes_dir} ({README_HINT})")
+    return db
+
+
+def load_ins13(root: str, subset: bool = False) -> RetrievalData:
+    """Loads TRECVid INS 2013.
+
+    Args:
+        root: the dataset folder (``$DETECTRON2_DATASETS/ins13``).
+        subset: keep only keyframes of shots relevant to at least one topic (the paper's
+            23,614-keyframe subset).
+
+    Returns:
+        RetrievalData: db dicts carry ``"shot"``; one query per example image (category = topic,
+        classes = topic ids as strings, numerically sorted); metadata with ``protocol="ins"``,
+        ``gnd[i] = {"relevant_shots": sorted shot ids}`` and ``db_shots`` (shot per db image).
+    """
+    root = require_dir(root, "ins13 folder")
+    examples_dir = require_dir(os.path.join(root, EXAMPLES_DIR), "ins13 example images")
+    keyframes_dir = require_dir(os.path.join(root, KEYFRAMES_DIR), "ins13 keyframes")
+    qrels_path = require_file(os.path.join(root, QRELS_FILE), "ins13 qrels")
+
+    queries, classes = _read_examples(examples_dir)
+    qrels = read_qrels(qrels_path)
+
+    missing_topics = [t for t in classes if t not in qrels]
+    if missing_topics:
+        logger.warning(f"ins13: {qrels_path} judges no shot of topics {missing_topics}")
+    relevant = {t: sorted(qrels.get(t, ())) for t in classes}
+    relevant_any = {s for shots in relevant.values() for s in shots}
+
+    db = _read_keyframes(keyframes_dir, relevant_any if subset else None)
 
     metadata = {
         "protocol": "ins",

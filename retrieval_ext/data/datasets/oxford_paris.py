@@ -196,6 +196,34 @@ def read_gt_pkl(path: str, landmarks: Sequence[str]) -> _Gt:
     return qimlist, boxes, qlandmarks, judgements, imlist
 
 
+def _read_gt(dataset: str, gt_format: str, pkl_path: str, txt_dir: str, known_landmarks):
+    """The ground truth in ``gt_format`` ("pkl" or "txt"), as :func:`read_gt_pkl` returns it."""
+    if gt_format == "pkl":
+        if not os.path.isfile(pkl_path):
+            raise FileNotFoundError(f"{dataset} ground truth not found: {pkl_path} ({README_HINT})")
+        return read_gt_pkl(pkl_path, known_landmarks)
+    if gt_format == "txt":
+        if not os.path.isdir(txt_dir):
+            raise FileNotFoundError(
+                f"{dataset} ground truth not found: neither {pkl_path} nor {txt_dir} "
+                f"({README_HINT})"
+            )
+        return read_gt_txt(txt_dir)
+    raise ValueError(f"gt_format must be 'auto', 'pkl' or 'txt', got {gt_format!r}")
+
+
+def _warn_absent_judged(dataset: str, root: str, judgements, present: set):
+    # Judged images absent from the image folder (not the skipped ones, already reported) mean an
+    # incomplete extraction: their positives silently vanishing would lower mAP unnoticed.
+    judged = {n for j in judgements for n in j["ok"] + j["junk"]}
+    absent = sorted(judged - present)
+    if absent:
+        logger.warning(
+            f"{dataset}: the ground truth judges {len(absent)} images that are not under "
+            f"{root}/jpg; they are left out of the evaluation: " + ", ".join(absent)
+        )
+
+
 def load_oxford_paris(root: str, dataset: str = "oxford5k", gt_format: str = "auto"):
     """Loads Oxford 5k or Paris 6k (original protocol).
 
@@ -217,19 +245,7 @@ def load_oxford_paris(root: str, dataset: str = "oxford5k", gt_format: str = "au
     txt_dir = os.path.join(root, txt_dirname)
     if gt_format == "auto":
         gt_format = "pkl" if os.path.isfile(pkl_path) else "txt"
-    if gt_format == "pkl":
-        if not os.path.isfile(pkl_path):
-            raise FileNotFoundError(f"{dataset} ground truth not found: {pkl_path} ({README_HINT})")
-        gt = read_gt_pkl(pkl_path, known_landmarks)
-    elif gt_format == "txt":
-        if not os.path.isdir(txt_dir):
-            raise FileNotFoundError(
-                f"{dataset} ground truth not found: neither {pkl_path} nor {txt_dir} "
-                f"({README_HINT})"
-            )
-        gt = read_gt_txt(txt_dir)
-    else:
-        raise ValueError(f"gt_format must be 'auto', 'pkl' or 'txt', got {gt_format!r}")
+    gt = _read_gt(dataset, gt_format, pkl_path, txt_dir, known_landmarks)
     qnames, boxes, qlandmarks, judgements, imlist = gt
 
     images = index_images(require_dir(os.path.join(root, "jpg"), f"{dataset} image folder"))
@@ -263,15 +279,7 @@ def load_oxford_paris(root: str, dataset: str = "oxford5k", gt_format: str = "au
         {"ok": remap_names(j["ok"], name_to_index), "junk": remap_names(j["junk"], name_to_index)}
         for j in judgements
     ]
-    # Judged images absent from the image folder (not the skipped ones, already reported) mean an
-    # incomplete extraction: their positives silently vanishing would lower mAP unnoticed.
-    judged = {n for j in judgements for n in j["ok"] + j["junk"]}
-    absent = sorted(judged - set(name_to_index) - set(names))
-    if absent:
-        logger.warning(
-            f"{dataset}: the ground truth judges {len(absent)} images that are not under "
-            f"{root}/jpg; they are left out of the evaluation: " + ", ".join(absent)
-        )
+    _warn_absent_judged(dataset, root, judgements, set(name_to_index) | set(names))
     metadata = {
         "protocol": "oxford",
         "thing_classes": classes,

@@ -123,6 +123,38 @@ def _read_distractors(distractors_root: str) -> Dict[str, str]:
     return out
 
 
+def _read_gnd_pkl(pkl_path: str):
+    """(imlist, qimlist, query boxes, judgements {"easy", "hard", "junk": image names}) of a
+    revisitop ``gnd_*.pkl``."""
+    with open(pkl_path, "rb") as f:
+        gt = pickle.load(f)
+    try:
+        imlist, qimlist, raw_gnd = list(gt["imlist"]), list(gt["qimlist"]), gt["gnd"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{pkl_path}: expected a dict with imlist, qimlist, gnd ({e})") from None
+    if len(raw_gnd) != len(qimlist):
+        raise ValueError(f"{pkl_path}: {len(qimlist)} queries but {len(raw_gnd)} gnd entries")
+    judgements, boxes = [], []
+    for i, g in enumerate(raw_gnd):
+        try:
+            boxes.append(parse_box(g["bbx"], f"{pkl_path}, gnd[{i}]['bbx']"))
+            judgements.append({k: [imlist[j] for j in g[k]] for k in ("easy", "hard", "junk")})
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"{pkl_path}, gnd[{i}]: needs bbx, easy, hard, junk ({e})") from None
+    return imlist, qimlist, boxes, judgements
+
+
+def _append_distractors(db: list, distractors_root: str, name_to_index: dict, dataset: str) -> int:
+    """Append the revisitop1m distractors to ``db`` (after the dataset's images); their count."""
+    count = 0
+    for image_id, path in _read_distractors(distractors_root).items():
+        if image_id in name_to_index:
+            raise ValueError(f"Distractor {image_id!r} has the name of a {dataset} image")
+        db.append({"file_name": path, "image_id": image_id, "db_index": len(db)})
+        count += 1
+    return count
+
+
 def load_revisited(
     root: str,
     dataset: str = "roxford5k",
@@ -148,22 +180,7 @@ def load_revisited(
     pkl_name, landmarks, original = _LAYOUT[dataset]
     root = require_dir(root, f"{dataset} folder")
     pkl_path = require_file(os.path.join(root, pkl_name), f"{dataset} ground truth")
-    with open(pkl_path, "rb") as f:
-        gt = pickle.load(f)
-    try:
-        imlist, qimlist, raw_gnd = list(gt["imlist"]), list(gt["qimlist"]), gt["gnd"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{pkl_path}: expected a dict with imlist, qimlist, gnd ({e})") from None
-    if len(raw_gnd) != len(qimlist):
-        raise ValueError(f"{pkl_path}: {len(qimlist)} queries but {len(raw_gnd)} gnd entries")
-
-    judgements, boxes = [], []
-    for i, g in enumerate(raw_gnd):
-        try:
-            boxes.append(parse_box(g["bbx"], f"{pkl_path}, gnd[{i}]['bbx']"))
-            judgements.append({k: [imlist[j] for j in g[k]] for k in ("easy", "hard", "junk")})
-        except (KeyError, IndexError) as e:
-            raise ValueError(f"{pkl_path}, gnd[{i}]: needs bbx, easy, hard, junk ({e})") from None
+    imlist, qimlist, boxes, judgements = _read_gnd_pkl(pkl_path)
     qlandmarks = infer_query_landmarks(
         qimlist, [j["easy"] + j["hard"] for j in judgements], landmarks, pkl_path
     )
@@ -181,11 +198,7 @@ def load_revisited(
     if with_distractors:
         if distractors_root is None:
             distractors_root = os.path.join(os.path.dirname(root), "revisitop1m")
-        for image_id, path in _read_distractors(distractors_root).items():
-            if image_id in name_to_index:
-                raise ValueError(f"Distractor {image_id!r} has the name of a {dataset} image")
-            db.append({"file_name": path, "image_id": image_id, "db_index": len(db)})
-            num_distractors += 1
+        num_distractors = _append_distractors(db, distractors_root, name_to_index, dataset)
 
     classes = sorted(set(qlandmarks))
     queries = []

@@ -1,0 +1,176 @@
+"""Transforms learned on another dataset's index: PCA whitening, region PCA.
+
+The paper learns its whitening on Paris for Oxford and vice versa, so that nothing is learned
+from the test set. :func:`load_or_learn` is that procedure once, for any transform: index the
+other dataset (once, under the work dir), learn the transform on its index on the main process,
+save it keyed by the model's weights hash, and load it on every rank. The whitening and the
+region PCA are its users.
+"""
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import numpy as np
+from detectron2.utils import comm
+
+from ..utils.io import atomic_write
+from .compression import RegionCompression
+from .extractor import FeatureExtractor
+from .index_store import IndexReader
+from .indexing import build_index
+from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
+
+__all__ = ["load_or_learn", "load_or_learn_region_pca", "load_or_learn_whitening"]
+
+logger = logging.getLogger("retrieval_ext")
+T = TypeVar("T")
+
+
+def load_or_learn(
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    kind: str,
+    variant: str,
+    learn: Callable[[IndexReader], T],
+    load: Callable[[Path], T],
+    **index_kwargs,
+) -> T:
+    """A transform learned on ``dataset``'s database features, saved and reused.
+
+    Saved as ``work_dir/<kind>-<dataset>-<weights hash>-<variant>.npz``: another model gets
+    another file, and so does anything else the transform depends on (``variant``). Must run on
+    every rank (indexing is shared between ranks).
+
+    Args:
+        extractor: the model whose features the transform applies to.
+        dataset: the dataset learned on; its database is indexed (once) into
+            ``work_dir/index-<dataset>``.
+        work_dir: where the file and that index live.
+        kind: what is learned, e.g. ``"whitening"``.
+        variant: the transform's settings, e.g. ``"d128"``.
+        learn: the index -> the transform (an object with ``save(path)``); main process only.
+        load: a saved file -> the transform.
+        index_kwargs: :func:`~.indexing.build_index`'s options (e.g. ``show_progress=False``), or
+            ``cfg=cfg`` to take them from ``cfg.RETRIEVAL``.
+
+    Returns:
+        the transform, loaded from its file on every rank.
+
+    Raises:
+        OutputWriteError (an OSError): the file cannot be written.
+    """
+    key = extractor.fingerprint["weights_hash"]
+    path = Path(work_dir) / f"{kind}-{dataset}-{key}-{variant}.npz"
+    if not path.is_file():
+        index = build_index(
+            extractor=extractor,
+            dataset=dataset,
+            index_dir=str(Path(work_dir) / f"index-{dataset}"),
+            **index_kwargs,
+        )
+        if comm.is_main_process():
+            atomic_write(path, learn(index).save)
+        comm.synchronize()
+    return load(path)
+
+
+def load_or_learn_whitening(
+    extractor: FeatureExtractor,
+    whitening_dataset: str,
+    test_dataset: str,
+    work_dir: str,
+    dim: int = 0,
+    **index_kwargs,
+) -> Optional[PCAWhitening]:
+    """PCA whitening learned on another dataset's database IPA-sum vectors (saved, reused).
+
+    Learning on the test dataset itself is allowed but warned about: it leaks.
+
+    Args:
+        dim: dimensions kept; 0 = all.
+        index_kwargs: see :func:`load_or_learn`.
+
+    Returns:
+        None when ``whitening_dataset`` is empty.
+
+    Raises:
+        ValueError: the whitening dataset has fewer than 2 readable images.
+        OutputWriteError (an OSError): the whitening file cannot be written.
+    """
+    if not whitening_dataset:
+        return None
+    if whitening_dataset == test_dataset:
+        logger.warning(
+            f"whitening is learned on {whitening_dataset!r}, the dataset being evaluated: "
+            "it leaks ground truth (the test images' statistics) into the results; the paper "
+            "learns it on another dataset, e.g. Paris 6k for Oxford 5k "
+            "(RETRIEVAL.WHITENING_DATASET)"
+        )
+
+    def learn(index: IndexReader) -> PCAWhitening:
+        X = l2_normalize(index.image_vectors("ipa_sum"))
+        try:
+            w = learn_pca_whitening(X, dim=dim or None)
+        except ValueError as e:
+            raise ValueError(
+                f"cannot learn the whitening on {whitening_dataset!r} ({index.num_images} "
+                f"readable images): {e}"
+            ) from e
+        logger.info(f"learned PCA whitening on {index.num_images} images of {whitening_dataset}")
+        return w
+
+    return load_or_learn(
+        extractor,
+        whitening_dataset,
+        work_dir,
+        "whitening",
+        f"d{dim}",
+        learn,
+        PCAWhitening.load,
+        **index_kwargs,
+    )
+
+
+def load_or_learn_region_pca(
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    dim: int,
+    num_proposals: int = 0,
+    dtype: str = "float16",
+    **index_kwargs,
+) -> RegionCompression:
+    """A region compression whose PCA is learned on ``dataset``'s database region vectors
+    (``rpa_sum`` and ``rpa_max`` together), saved and reused.
+
+    Args:
+        dim: PCA dimensions.
+        num_proposals, dtype: the rest of the compression (see :class:`RegionCompression`).
+        index_kwargs: see :func:`load_or_learn`.
+    """
+
+    def learn(index: IndexReader) -> RegionCompression:
+        vecs = [
+            np.asarray(index.regions(i)[f], dtype=np.float32)
+            for i in range(index.num_images)
+            for f in ("rpa_sum", "rpa_max")
+        ]
+        learned = RegionCompression.learn(np.concatenate(vecs), num_proposals, dim, dtype)
+        logger.info(f"learned the region PCA ({dim} dims) on {dataset}")
+        return learned
+
+    learned = load_or_learn(
+        extractor,
+        dataset,
+        work_dir,
+        "region-pca",
+        f"d{dim}",
+        learn,
+        RegionCompression.load,
+        **index_kwargs,
+    )
+    return RegionCompression(
+        num_proposals, dim, dtype, mean=learned.mean, components=learned.components
+    )
