@@ -324,9 +324,8 @@ def quad_problem(
     if not (np.all(w > 0) or np.all(w < 0)) or not np.all(np.isfinite(quad)):
         return "degenerate: the box wraps through infinity"
     edges = np.roll(quad, -1, axis=0) - quad
-    turns = (
-        edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1] - edges[:, 1] * np.roll(edges, -1, 0)[:, 0]
-    )
+    following = np.roll(edges, -1, axis=0)
+    turns = edges[:, 0] * following[:, 1] - edges[:, 1] * following[:, 0]  # z of edge x next
     if np.all(turns < 0):  # the reference corners go clockwise on screen (y down)
         return "mirrored: the projected box is turned inside out"
     if not np.all(turns > 0):

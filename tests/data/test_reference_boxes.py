@@ -108,6 +108,21 @@ def test_trim_uniform_border_finds_the_content():
     assert trim_uniform_border(image, [0, 35, 40, 50]) == [0.0, 35.0, 40.0, 50.0]
 
 
+def test_trim_with_a_known_margin_colour_keeps_a_dark_edge():
+    # a white scan margin around an object whose own 5 px edge is black
+    image = np.full((60, 50, 3), 255, dtype=np.uint8)
+    image[10:50, 8:42] = 0
+    image[15:45, 13:37] = 120
+    assert trim_uniform_border(image, [0, 0, 50, 60], colour=(255, 255, 255)) == [
+        8.0,
+        10.0,
+        42.0,
+        50.0,
+    ]
+    # without the colour, a box on the object itself takes black for the margin and cuts it
+    assert trim_uniform_border(image, [8, 10, 42, 50]) == [13.0, 15.0, 37.0, 45.0]
+
+
 @pytest.mark.parametrize("upscale", [1.0, 2.0])
 def test_keypoints_are_in_continuous_pixels(upscale):
     # one Gaussian blob centred at the continuous point (30, 20): pixel centres are at j + 0.5
