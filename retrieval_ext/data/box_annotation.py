@@ -272,6 +272,7 @@ def _record(obj: str, name: str, status: str, ref: Optional[dict], loc) -> dict:
     if loc is not None:
         rec["num_matches"], rec["num_inliers"] = loc.num_matches, loc.num_inliers
         rec["spread"] = round(loc.spread, 4)
+        rec["extent"] = [round(v, 4) for v in loc.extent]
         rec["reason"] = loc.reason
         if loc.quad is not None and np.all(np.isfinite(loc.quad)):
             rec["quad"] = [[round(float(v), 2) for v in p] for p in loc.quad]
@@ -291,7 +292,7 @@ def annotate(
     """One record per (object, positive) of relevance.json, in file order.
 
     A record holds ``object``, ``image``, ``status`` and, where a match was tried, ``query``,
-    ``reference_box``, ``num_matches``, ``num_inliers``, ``spread``, ``reason`` (why not
+    ``reference_box``, ``num_matches``, ``num_inliers``, ``spread``, ``extent``, ``reason`` (why not
     accepted, "" if accepted), ``quad`` (4 x [x, y], photo pixels) and ``box`` (accepted only).
     Positives that already have boxes in the input keep them (``given``, ``boxes``).
     """

@@ -2,9 +2,10 @@
 
 Local-feature matching: SIFT keypoints (optionally RootSIFT descriptors) of the reference, cropped
 to its box, and of the photo; Lowe's ratio test; a RANSAC homography; an acceptance rule (enough
-inliers, spread over the reference, and a homography that maps the reference box to a plausible
-quadrilateral). The result is the projected quadrilateral and its axis-aligned bounding box,
-clipped to the photo: the box a person would draw around a planar object.
+inliers, spread over the reference in area and in both directions, and a homography that maps the
+reference box to a plausible quadrilateral). The result is the projected quadrilateral and its
+axis-aligned bounding box, clipped to the photo: the box a person would draw around a planar
+object.
 
 Coordinate frame: every point and box here is in *continuous* pixel coordinates of its image (the
 frame of ``XYXY_ABS`` boxes): pixel ``(i, j)`` covers ``[j, j + 1] x [i, i + 1]``, so its centre
@@ -35,6 +36,7 @@ __all__ = [
     "quad_problem",
     "quad_bounding_box",
     "inlier_spread",
+    "inlier_extent",
     "locate_reference",
     "trim_uniform_border",
 ]
@@ -71,6 +73,10 @@ class MatchParams:
         min_inliers: fewest RANSAC inliers for an accepted match.
         min_spread: fewest inliers' convex hull area, as a fraction of the reference box area:
             a homography fitted to one corner of the reference extrapolates badly to the others.
+        min_extent: smallest span of the inliers along x and along y (5th to 95th percentile),
+            as a fraction of the reference box's width and height: a strip shared by many
+            objects (a "BLU-RAY + DVD" band, a studio logo, a title line) matched alone fixes a
+            homography that is wrong away from it.
         min_area: smallest visible area of the projected box, as a fraction of the photo.
         max_area: largest area of the projected box (visible or not), as a fraction of the photo.
         min_visible: smallest fraction of the projected box that lies inside the photo.
@@ -83,6 +89,7 @@ class MatchParams:
     ransac_px: float = 4.0
     min_inliers: int = 15
     min_spread: float = 0.05
+    min_extent: float = 0.12
     min_area: float = 0.005
     max_area: float = 4.0
     min_visible: float = 0.2
@@ -100,6 +107,8 @@ class Localisation:
         num_matches (int): tentative matches after the ratio test.
         num_inliers (int): RANSAC inliers (0 without a homography).
         spread (float): inliers' convex hull area / reference box area (0 without a homography).
+        extent (tuple): ``(x, y)`` span of the inliers / box width and height
+            (:func:`inlier_extent`).
         homography (np.ndarray or None): (3, 3) float64, reference continuous pixels -> photo
             continuous pixels.
         quad (np.ndarray or None): (4, 2) float64 projected reference box corners in the photo,
@@ -113,6 +122,7 @@ class Localisation:
     num_matches: int = 0
     num_inliers: int = 0
     spread: float = 0.0
+    extent: Tuple[float, float] = (0.0, 0.0)
     homography: Optional[np.ndarray] = None
     quad: Optional[np.ndarray] = None
     box: Optional[List[float]] = None
@@ -385,6 +395,25 @@ def inlier_spread(points: np.ndarray, ref_box: Sequence[float]) -> float:
     return float(cv2.contourArea(hull)) / max((x2 - x1) * (y2 - y1), 1e-12)
 
 
+def inlier_extent(points: np.ndarray, ref_box: Sequence[float]) -> Tuple[float, float]:
+    """Span of points along x and y (5th to 95th percentile) as fractions of a box's size.
+
+    Args:
+        points: (K, 2) points in the reference frame.
+        ref_box: ``[x1, y1, x2, y2]`` in the same frame.
+
+    Returns:
+        (float, float): x span / box width, y span / box height; (0, 0) without points.
+    """
+    if len(points) == 0:
+        return 0.0, 0.0
+    lo, hi = np.percentile(points, [5, 95], axis=0)
+    x1, y1, x2, y2 = ref_box
+    return float((hi[0] - lo[0]) / max(x2 - x1, 1e-12)), float(
+        (hi[1] - lo[1]) / max(y2 - y1, 1e-12)
+    )
+
+
 def trim_uniform_border(
     image: np.ndarray,
     box: Sequence[float],
@@ -429,6 +458,21 @@ def trim_uniform_border(
     return [float(x1 + left), float(y1 + top), float(x2 - right), float(y2 - bottom)]
 
 
+def _rejection(result: Localisation, params: MatchParams) -> str:
+    """Why the inliers of a match do not support it ("" if they do)."""
+    if result.num_inliers < params.min_inliers:
+        return f"too few inliers ({result.num_inliers} < {params.min_inliers})"
+    if result.spread < params.min_spread:
+        return f"inliers cover {result.spread:.1%} of the reference (< {params.min_spread:.0%})"
+    if min(result.extent) < params.min_extent:
+        ex, ey = result.extent
+        return (
+            f"inliers span {ex:.0%} x {ey:.0%} of the reference "
+            f"(< {params.min_extent:.0%} in one direction)"
+        )
+    return ""
+
+
 def locate_reference(
     reference: Features, ref_box: Sequence[float], photo: Features, params: MatchParams
 ) -> Localisation:
@@ -459,17 +503,11 @@ def locate_reference(
     quad, w = project_box(H, ref_box)
     result.homography, result.num_inliers = H, int(inliers.sum())
     result.spread = inlier_spread(src[inliers], ref_box)
+    result.extent = inlier_extent(src[inliers], ref_box)
     problem = quad_problem(quad, w, ref_box, photo.size, params)
     if not problem:
         result.quad, result.box = quad, quad_bounding_box(quad, photo.size)
-    if result.num_inliers < params.min_inliers:
-        result.reason = f"too few inliers ({result.num_inliers} < {params.min_inliers})"
-    elif result.spread < params.min_spread:
-        result.reason = (
-            f"inliers cover {result.spread:.1%} of the reference (< {params.min_spread:.0%})"
-        )
-    else:
-        result.reason = problem
+    result.reason = _rejection(result, params) or problem
     if result.quad is None and np.all(np.isfinite(quad)) and (np.all(w > 0) or np.all(w < 0)):
         result.quad = quad  # drawn for inspection; no box for an implausible quadrilateral
     result.accepted = not result.reason

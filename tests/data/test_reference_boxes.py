@@ -6,6 +6,7 @@ import pytest
 from retrieval_ext.data.reference_boxes import (
     MatchParams,
     detect_and_describe,
+    inlier_extent,
     inlier_spread,
     locate_reference,
     polygon_area,
@@ -96,6 +97,13 @@ def test_inlier_spread_hand_worked():
     assert inlier_spread(pts[:2], [0, 0, 10, 10]) == 0.0
 
 
+def test_inlier_extent_hand_worked():
+    # x = 0, 1, ..., 10 on a 20 x 4 box: 5th..95th percentile 0.5..9.5, a span of 9 of 20
+    pts = np.stack([np.arange(11.0), np.full(11, 2.0)], axis=1)
+    assert inlier_extent(pts, [0, 0, 20, 4]) == pytest.approx((0.45, 0.0))
+    assert inlier_extent(np.zeros((0, 2)), [0, 0, 1, 1]) == (0.0, 0.0)
+
+
 def test_trim_uniform_border_finds_the_content():
     rng = np.random.default_rng(0)
     image = np.full((50, 40, 3), 250, dtype=np.int16) + rng.integers(-4, 5, (50, 40, 3))
@@ -161,6 +169,25 @@ def test_rejects_a_photo_without_the_reference(scene):
     assert not result.accepted
     assert result.reason
     assert result.box is None
+
+
+def test_rejects_a_match_on_a_shared_strip_only():
+    # another object that shares only the reference's top strip (a logo band): enough inliers,
+    # all in a band 15% high, so the homography below it is a guess
+    reference = textured(240, 180, seed=2, blobs=150)
+    other = textured(240, 180, seed=12, blobs=150)
+    other[:36] = reference[:36]
+    H = np.array([[1.0, -0.1, 60.0], [0.1, 1.0, 40.0], [0.0002, 0.0, 1.0]])
+    photo = warp_into(other, textured(360, 420, seed=5, blobs=150), H)
+    result = locate_reference(
+        detect_and_describe(reference),
+        [0, 0, 180, 240],
+        detect_and_describe(photo),
+        MatchParams(min_inliers=4, min_spread=0.0),
+    )
+    assert result.num_inliers >= 8
+    assert result.extent[1] <= 0.15  # the band's height bounds the inliers' y span
+    assert not result.accepted and "span" in result.reason
 
 
 def test_rejects_a_mirrored_reference(scene):
