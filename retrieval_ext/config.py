@@ -55,6 +55,7 @@ def add_retrieval_config(cfg):
     # ---------------------------------------------------------------- dense region proposals
     # Training-free proposals (MODEL.PROPOSAL_GENERATOR.NAME "DenseRegionProposals", see
     # retrieval_ext/modeling/dense_regions.py): regions tiling the image at several sizes/shapes.
+    # The defaults (262 regions on a 4:3 image) were chosen on real photos (SMVS, one camera).
     _C.MODEL.DENSE_REGIONS = CN()
     # Region sizes as fractions of the image's shorter side (a region has the area of a square
     # of that side; clipped to the image).
