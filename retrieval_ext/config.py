@@ -92,6 +92,28 @@ def add_retrieval_config(cfg):
     # object is seen smaller and turned as it appears in the collection).
     _C.MODEL.FINETUNE.AUGMENT = "none"
 
+    # ---------------------------------------------------------------- dense region proposals
+    # Training-free proposals (MODEL.PROPOSAL_GENERATOR.NAME "DenseRegionProposals", see
+    # retrieval_ext/modeling/dense_regions.py): regions tiling the image at several sizes/shapes.
+    # The defaults (262 regions on a 4:3 image) were chosen on real photos (SMVS, one camera).
+    _C.MODEL.DENSE_REGIONS = CN()
+    # Region sizes as fractions of the image's shorter side (a region has the area of a square
+    # of that side; clipped to the image).
+    _C.MODEL.DENSE_REGIONS.SCALES = [0.3, 0.45, 0.65, 0.9]
+    # Region shapes, height / width (detectron2's anchor convention).
+    _C.MODEL.DENSE_REGIONS.ASPECT_RATIOS = [0.5, 1.0, 2.0]
+    # Spacing of neighbouring regions as a fraction of the region's size, in (0, 1].
+    _C.MODEL.DENSE_REGIONS.STRIDE = 0.5
+    # Ranking of the regions: "activation" (mean L2 norm of IN_FEATURE's cells inside the region,
+    # highest first) or "none" (fixed order: scales, aspect ratios, rows, columns as listed).
+    _C.MODEL.DENSE_REGIONS.OBJECTNESS = "activation"
+    # Backbone output ranked by "activation"; "" = the first of MODEL.RPN.IN_FEATURES.
+    _C.MODEL.DENSE_REGIONS.IN_FEATURE = ""
+    # Regions kept per image after ranking (and NMS); 0 = all of them.
+    _C.MODEL.DENSE_REGIONS.MAX_PROPOSALS = 300
+    # IoU above which a lower-ranked region is dropped, in (0, 1]; 1.0 = no NMS.
+    _C.MODEL.DENSE_REGIONS.NMS_THRESH = 1.0
+
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()
     # Output feature names of the VGG16 backbone; "conv5_3" (stride 16, 512 channels) is the

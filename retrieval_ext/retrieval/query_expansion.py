@@ -6,6 +6,10 @@
   averaged with the RPA vectors of the best proposal of each of the top M reranked images.
 * alpha-QE (:func:`alpha_query_expansion`, Radenovic et al., TPAMI 2019) is an extra: a weighted
   average with weights ``sim^alpha``; alpha = 0 gives global QE.
+* Gated QE (:func:`outlier_gate`) is an extra for collections where a query may have fewer
+  relevant images than M: only the top results whose score stands out from the bulk of the
+  ranking's scores (a robust z-score) are averaged in; the others would pull the query towards
+  look-alikes.
 
 All vectors are expected already L2-normalised (as the ranking uses them); they are averaged as
 given and the result is L2-normalised. Database matrices may be float16 memory maps: only the M
@@ -20,6 +24,7 @@ from .reranking import make_accessor
 __all__ = [
     "average_query_expansion",
     "alpha_query_expansion",
+    "outlier_gate",
     "region_query_expansion",
     "gather_best_region_vectors",
 ]
@@ -85,6 +90,40 @@ def alpha_query_expansion(query, db, order, m=5, alpha=3.0):
     # 0 ** 0 is 1 in numpy, which is the alpha = 0 limit we want.
     weights = np.power(sims, np.float32(alpha))
     return l2_normalize(q + weights @ rows)
+
+
+def outlier_gate(top_scores, block_scores, z=4.0):
+    """Which of the top results stand out from the scores of the whole ranked block.
+
+    A result passes when its robust z-score ``(s - median(block)) / (1.4826 * MAD(block))`` is at
+    least ``z``: the median and the median absolute deviation (scaled to a standard deviation
+    under normality) describe the non-matching bulk and are barely moved by the few true matches
+    at the top. With one relevant image per query and M = 5, plain QE averages 4 wrong images into
+    the query; this gate keeps only results that are clear outliers.
+
+    Args:
+        top_scores (array-like): (M,) scores of the results that may be averaged in, best first.
+        block_scores (array-like): (L,) the scores of the block they come from (e.g. the CA-SR
+            scores of the reranked top N, or the filtering scores of the top N); non-finite
+            entries (images without proposals) are ignored.
+        z (float): threshold, > 0.
+
+    Returns:
+        np.ndarray: bool (M,). All False when the block has no finite score. When the MAD is 0
+        (most scores equal), any score above the median passes.
+    """
+    if not z > 0:
+        raise ValueError(f"gate threshold z must be > 0, got {z}")
+    top = np.asarray(top_scores, dtype=np.float64).reshape(-1)
+    block = np.asarray(block_scores, dtype=np.float64).reshape(-1)
+    block = block[np.isfinite(block)]
+    if block.size == 0:
+        return np.zeros(top.shape, dtype=bool)
+    med = np.median(block)
+    scale = 1.4826 * np.median(np.abs(block - med))
+    if scale == 0:
+        return top > med
+    return (top - med) / scale >= z
 
 
 def region_query_expansion(query_region, best_region_vectors):

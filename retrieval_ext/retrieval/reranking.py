@@ -1,7 +1,9 @@
 """Spatial reranking of the top N filtered images (Salvador et al. 2016, Sec. 3.2).
 
 * CA-SR (class-agnostic): an image scores the best cosine similarity between the query region
-  vector and any of its proposals' region vectors (RPA); that proposal's box locates the object.
+  vector and any of its proposals' region vectors (RPA); that proposal's box locates the object,
+  or, with box voting (:func:`vote_box`), the similarity-weighted mean of the boxes that score
+  nearly as well.
 * CS-SR (class-specific): an image scores the best probability of the query's class among its
   proposals, with a network fine-tuned on the query objects; that proposal's (class-regressed)
   box locates the object.
@@ -25,7 +27,13 @@ try:
 except ImportError:  # pragma: no cover - numpy converts instead
     _torch = None
 
-__all__ = ["RerankResult", "class_agnostic_rerank", "class_specific_rerank", "make_accessor"]
+__all__ = [
+    "RerankResult",
+    "class_agnostic_rerank",
+    "class_specific_rerank",
+    "make_accessor",
+    "vote_box",
+]
 
 
 @dataclass
@@ -110,8 +118,49 @@ def _assemble(order, scores, n, block_scores, block_boxes, block_best):
     return RerankResult(out_order, out_scores, boxes, best, n)
 
 
+def vote_box(boxes, sims, delta):
+    """The located box refined by voting among the proposals that match nearly as well as the best.
+
+    Max-pooled region vectors barely change when a region takes in some background, so the single
+    best proposal is often a loose or shifted box around the object while several overlapping
+    proposals score within a few hundredths of it. Their similarity-weighted mean box is closer to
+    the object (box voting, Gidaris and Komodakis, ICCV 2015), and needs nothing but the stored
+    boxes and the similarities the reranking computed anyway.
+
+    Args:
+        boxes (array-like): (K, 4) XYXY proposal boxes, K >= 1.
+        sims (array-like): (K,) similarities of the same proposals to the query (cosines).
+        delta (float): >= 0; proposals with ``sim >= max(sim) - delta`` vote.
+
+    Returns:
+        np.ndarray: float32 (4,), ``sum_i w_i box_i / sum_i w_i`` over the voters with
+        ``w_i = max(sim_i, 0)``; equal weights if every voter's similarity is <= 0.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sims = np.asarray(sims, dtype=np.float64).reshape(-1)
+    if boxes.shape[0] == 0 or sims.shape != (boxes.shape[0],):
+        raise ValueError(
+            f"vote_box needs (K, 4) boxes and (K,) sims, K >= 1: got {boxes.shape}, "
+            f"{sims.shape}"
+        )
+    if not delta >= 0:
+        raise ValueError(f"box voting delta must be >= 0, got {delta}")
+    voters = sims >= sims.max() - delta
+    w = np.clip(sims[voters], 0.0, None)
+    if w.sum() <= 0:
+        w = np.ones_like(w)
+    return ((w[:, None] * boxes[voters]).sum(axis=0) / w.sum()).astype(np.float32)
+
+
 def class_agnostic_rerank(
-    query_region, order, scores, region_vectors, region_boxes=None, top_n=100, normalized=False
+    query_region,
+    order,
+    scores,
+    region_vectors,
+    region_boxes=None,
+    top_n=100,
+    normalized=False,
+    box_vote_delta=0.0,
 ):
     """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
 
@@ -133,6 +182,9 @@ def class_agnostic_rerank(
         normalized (bool): the stored vectors are already unit-norm (compressed indexes, see
             :mod:`~retrieval_ext.retrieval.compression`): skip their norms. Scale-free codes
             (int8) are NOT unit-norm and need False.
+        box_vote_delta (float): 0 (the paper): the best proposal's box locates the object;
+            > 0: :func:`vote_box` of the image's proposals with this delta (scores, order and
+            ``best_proposal`` are unchanged).
 
     Returns:
         RerankResult: block scores are cosine similarities in [-1, 1]; images without proposals
@@ -140,6 +192,8 @@ def class_agnostic_rerank(
     """
     q = l2_normalize(np.asarray(query_region).reshape(-1))
     order, scores, n = _check_ranking(order, scores, top_n)
+    if not box_vote_delta >= 0:
+        raise ValueError(f"box_vote_delta must be >= 0, got {box_vote_delta}")
     vec_acc, box_acc = make_accessor(region_vectors), make_accessor(region_boxes)
     block_scores = np.full(n, -np.inf, dtype=np.float32)
     block_boxes = np.full((n, 4), np.nan, dtype=np.float32)
@@ -171,7 +225,9 @@ def class_agnostic_rerank(
                         f"region_boxes[{order[j]}] has shape {boxes.shape}, expected "
                         f"({counts[j]}, 4)"
                     )
-                block_boxes[j] = boxes[b]
+                block_boxes[j] = (
+                    vote_box(boxes, seg, box_vote_delta) if box_vote_delta else boxes[b]
+                )
     return _assemble(order, scores, n, block_scores, block_boxes, block_best)
 
 

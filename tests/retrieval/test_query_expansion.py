@@ -5,6 +5,7 @@ from retrieval_ext.retrieval.query_expansion import (
     alpha_query_expansion,
     average_query_expansion,
     gather_best_region_vectors,
+    outlier_gate,
     region_query_expansion,
 )
 from retrieval_ext.retrieval.reranking import RerankResult
@@ -105,3 +106,35 @@ def test_gather_best_region_vectors_skips_empty_and_is_lazy():
     # m = 1: only the first image.
     np.testing.assert_allclose(gather_best_region_vectors(result, region, m=1), [[0.8, 0.6]])
     assert gather_best_region_vectors(result, region, m=0).shape[0] == 0
+
+
+def test_outlier_gate_hand_worked():
+    # block 0.60, 0.61, 0.62, 0.63, 0.64, 0.80: median 0.625, |dev| 0.025 0.015 0.005 0.005
+    # 0.015 0.175 -> MAD 0.015, scale 1.4826 * 0.015 = 0.022239; z(0.80) = 0.175 / 0.022239
+    # = 7.87, z(0.64) = 0.67, z(0.70) = 3.37
+    block = [0.60, 0.61, 0.62, 0.63, 0.64, 0.80]
+    gate = outlier_gate([0.80, 0.70, 0.64], block, z=4.0)
+    assert gate.dtype == bool
+    np.testing.assert_array_equal(gate, [True, False, False])
+    np.testing.assert_array_equal(outlier_gate([0.80, 0.70, 0.64], block, z=3.0), [1, 1, 0])
+    # -inf (images without proposals) is ignored: same median and MAD
+    np.testing.assert_array_equal(
+        outlier_gate([0.80, 0.70], block + [-np.inf, -np.inf], z=3.0), [True, True]
+    )
+
+
+def test_outlier_gate_degenerate_blocks_and_bad_threshold():
+    # MAD 0: scores above the median pass, the median itself does not
+    np.testing.assert_array_equal(outlier_gate([0.9, 0.5], [0.5, 0.5, 0.5, 0.9], 4.0), [1, 0])
+    np.testing.assert_array_equal(outlier_gate([0.9], [-np.inf], 4.0), [False])
+    with pytest.raises(ValueError, match="z must be > 0"):
+        outlier_gate([0.9], [0.1, 0.2], 0.0)
+
+
+def test_gated_qe_is_plain_qe_over_the_kept_results():
+    # the gate keeps rank 1 of ORDER (db[2]); plain QE over it alone, as the wiring will call it
+    scores = np.array([0.9, 0.2, 0.1, 0.12, 0.11, 0.13])
+    kept = ORDER[:2][outlier_gate(scores[:2], scores, z=4.0)]
+    np.testing.assert_array_equal(kept, [2])
+    out = average_query_expansion(Q, DB, kept, m=2)
+    np.testing.assert_allclose(out, _unit([1.6, 0.8]), atol=1e-6)

@@ -5,6 +5,7 @@ from retrieval_ext.retrieval.reranking import (
     RerankResult,
     class_agnostic_rerank,
     class_specific_rerank,
+    vote_box,
 )
 
 NAN4 = [np.nan] * 4
@@ -235,3 +236,47 @@ def test_ca_rerank_matches_per_image_reference_on_float16_index_blocks():
     np.testing.assert_allclose(res.boxes[:top_n], want_boxes)
     assert np.all(np.isneginf(res.scores[top_n - 3 : top_n]))  # the 3 empty images sort last
     np.testing.assert_array_equal(res.order[top_n:], order[top_n:])
+
+
+def test_vote_box_hand_worked():
+    # sims 0.9, 0.88, 0.5 with delta 0.05: the first two vote with weights 0.9 and 0.88;
+    # x1 = (0.9 * 0 + 0.88 * 2) / 1.78, x2 = (0.9 * 10 + 0.88 * 12) / 1.78
+    boxes = [[0, 0, 10, 10], [2, 2, 12, 12], [50, 50, 60, 60]]
+    got = vote_box(boxes, [0.9, 0.88, 0.5], 0.05)
+    lo, hi = 1.76 / 1.78, 19.56 / 1.78
+    np.testing.assert_allclose(got, [lo, lo, hi, hi], rtol=1e-6)
+    assert got.dtype == np.float32
+    # delta 0.5 lets the third box vote too (weights sum 2.28); delta 0 keeps the best box alone
+    a, b = (1.76 + 25.0) / 2.28, (9.0 + 10.56 + 30.0) / 2.28
+    np.testing.assert_allclose(vote_box(boxes, [0.9, 0.88, 0.5], 0.5), [a, a, b, b], rtol=1e-6)
+    np.testing.assert_array_equal(vote_box(boxes, [0.9, 0.88, 0.5], 0.0), [0, 0, 10, 10])
+
+
+def test_vote_box_non_positive_sims_vote_equally_and_bad_input_is_refused():
+    np.testing.assert_allclose(
+        vote_box([[0, 0, 2, 2], [2, 2, 4, 4]], [-0.1, -0.1], 0.0), [1, 1, 3, 3]
+    )
+    with pytest.raises(ValueError, match="delta"):
+        vote_box([[0, 0, 1, 1]], [0.5], -0.1)
+    with pytest.raises(ValueError, match="K >= 1"):
+        vote_box(np.zeros((0, 4)), np.zeros(0), 0.1)
+
+
+def test_ca_rerank_box_voting_changes_only_the_located_boxes():
+    vectors, boxes = _hand_ca_data()
+    # image 20: sims 1 and -1 -> with delta 0.15 only the first votes: its own box.
+    vectors[10] = np.array([[0.0, 1.0], [0.6, 0.8], [0.5, np.sqrt(0.75)]])  # third: sim 0.5
+    boxes[10] = np.array([[0, 0, 10, 10], [5, 5, 20, 30], [10, 10, 30, 40]], np.float32)
+    args = (np.array([1.0, 0.0]), [10, 20, 30, 40], [0.9, 0.8, 0.7, 0.6], vectors, boxes)
+    plain = class_agnostic_rerank(*args, top_n=3)
+    voted = class_agnostic_rerank(*args, top_n=3, box_vote_delta=0.15)
+    # image 10 voters: sims 0.6 and 0.5 (>= 0.45), not 0:
+    # (0.6 * [5, 5, 20, 30] + 0.5 * [10, 10, 30, 40]) / 1.1
+    expected10 = [8.0 / 1.1, 8.0 / 1.1, 27.0 / 1.1, 38.0 / 1.1]
+    np.testing.assert_array_equal(voted.order, plain.order)
+    np.testing.assert_array_equal(voted.scores, plain.scores)
+    np.testing.assert_array_equal(voted.best_proposal, plain.best_proposal)
+    np.testing.assert_allclose(voted.boxes[0], [1, 2, 3, 4])
+    np.testing.assert_allclose(voted.boxes[1], expected10, rtol=1e-6)
+    with pytest.raises(ValueError, match="box_vote_delta"):
+        class_agnostic_rerank(*args, top_n=3, box_vote_delta=-1.0)
