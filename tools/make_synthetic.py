@@ -5,7 +5,8 @@
 
 writes the benchmark in the custom format under ``--output`` and, with ``--generic``, the
 COCO-format generic detection set under ``--generic-output`` (default ``OUTPUT/generic``).
-See ``retrieval_ext/data/datasets/synthetic.py`` for the layout and the measured difficulty.
+See ``retrieval_ext/data/datasets/synthetic/`` for the layouts and BENCHMARKS.md (section 7) for
+what simple global descriptors score on the default benchmark.
 """
 
 import argparse

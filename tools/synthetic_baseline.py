@@ -2,7 +2,8 @@
 """Measure how hard a custom-format benchmark is for simple global descriptors.
 
 Ranks every database image for every query by cosine similarity of one global vector per image
-and prints the Oxford mAP (positives good + ok, junk ignored) of:
+and prints the Oxford mAP (positives good + ok, junk ignored;
+``retrieval_ext.evaluation.metrics.oxford_paris_map``) of:
 
 - an RGB colour histogram (8 bins per channel, joint, square-rooted, L2-normalised);
 - ImageNet EfficientNet-Lite0 features (timm ``efficientnet_lite0`` with the weights of the
@@ -10,80 +11,62 @@ and prints the Oxford mAP (positives good + ok, junk ignored) of:
   of the last conv layer (conv_head, 1280 channels), sum-pooled (SPoC) or max-pooled (MAC);
 
 each with the whole query image and with the query cropped to its box ("oracle crop", an upper
-bound of what the query-region side of spatial reranking can bring). Use it to tune the
-synthetic benchmark's difficulty (see ``retrieval_ext/data/datasets/synthetic.py``):
+bound of what the query-region side of spatial reranking can bring). The benchmark is read by the
+registered custom-format loader (``retrieval_ext.data.datasets.custom``). Use it to tune the
+synthetic benchmark's difficulty (the defaults' numbers and how they were reached: BENCHMARKS.md,
+section 7):
 
     python tools/synthetic_baseline.py --root datasets/synthetic
 """
 
 import argparse
-import json
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from detectron2.data import DatasetCatalog  # noqa: E402
 
-def oxford_ap(ranking: Sequence[int], positives: set, junk: set) -> float:
-    """Oxford compute_ap: trapezoid rule over recall, precision 1 at recall 0, junk skipped.
+from retrieval_ext.data.datasets import (  # noqa: E402
+    get_retrieval_metadata,
+    register_custom_dataset,
+    unregister_retrieval_dataset,
+)
+from retrieval_ext.evaluation.metrics import oxford_paris_map  # noqa: E402
+
+DATASET = "synthetic_baseline"  # the name the benchmark is registered under while measured
+
+
+def load_benchmark(root: str) -> Tuple[List[dict], List[dict], List[dict]]:
+    """Reads a custom-format benchmark through the dataset catalog.
 
     Args:
-        ranking: database indices best first (a full ranking).
-        positives: indices of positives.
-        junk: indices ignored.
+        root: the benchmark folder (images/, queries.json, relevance.json).
 
     Returns:
-        AP in [0, 1] (nan if there is no positive).
+        db (dataset dicts in database order), queries (dataset dicts with ``query_box`` XYXY in
+        image pixels), gnd (per query ``{"ok": db indices, "junk": db indices}``).
     """
-    if not positives:
-        return float("nan")
-    ap, hits, rank = 0.0, 0, 0
-    old_recall, old_precision = 0.0, 1.0
-    for idx in ranking:
-        if idx in junk:
-            continue
-        rank += 1
-        if idx in positives:
-            hits += 1
-            recall, precision = hits / len(positives), hits / rank
-            ap += (recall - old_recall) * (old_precision + precision) / 2.0
-            old_recall, old_precision = recall, precision
-        else:
-            old_precision = hits / rank
-    return ap
-
-
-def load_benchmark(root: str):
-    """Parse queries.json and relevance.json of a custom-format benchmark.
-
-    Returns:
-        db (sorted relative paths), queries (list of dicts), gnd (per query: {"ok": set of db
-        indices, "junk": set of db indices}).
-    """
-    with open(os.path.join(root, "queries.json")) as f:
-        queries = json.load(f)
-    with open(os.path.join(root, "relevance.json")) as f:
-        relevance = json.load(f)
-    db = sorted("images/" + n for n in os.listdir(os.path.join(root, "images")))
-    index = {n: i for i, n in enumerate(db)}
-    gnd = []
-    for q in queries:
-        rel = relevance[q["object"]]
-        gnd.append(
-            {"ok": {index[p] for p in rel["positives"]}, "junk": {index[p] for p in rel["junk"]}}
-        )
+    register_custom_dataset(DATASET, root)
+    try:
+        db = DatasetCatalog.get(f"{DATASET}_db")
+        queries = DatasetCatalog.get(f"{DATASET}_query")
+        gnd = get_retrieval_metadata(DATASET).gnd
+    finally:
+        unregister_retrieval_dataset(DATASET)
+    if gnd is None:
+        raise ValueError(f"{os.path.join(root, 'relevance.json')} is missing: nothing to score")
     return db, queries, gnd
 
 
-def mean_ap(q_vecs: np.ndarray, db_vecs: np.ndarray, gnd: List[dict]) -> float:
+def mean_ap(q_vecs: np.ndarray, db_vecs: np.ndarray, gnd: Sequence[dict]) -> float:
     """mAP of cosine-similarity rankings; q_vecs (Q, D) and db_vecs (N, D) L2-normalised."""
     ranks = np.argsort(-(q_vecs @ db_vecs.T), axis=1, kind="stable")
-    aps = [oxford_ap(r.tolist(), g["ok"], g["junk"]) for r, g in zip(ranks, gnd)]
-    return float(np.nanmean(aps))
+    return float(oxford_paris_map(ranks, gnd)["mAP"])
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -132,22 +115,22 @@ def measure(root: str, use_cnn: bool = True) -> Dict[str, Dict[str, float]]:
     """
     db, queries, gnd = load_benchmark(root)
 
-    def read(rel):
-        return np.asarray(Image.open(os.path.join(root, rel)).convert("RGB"))
+    def read(path):
+        return np.asarray(Image.open(path).convert("RGB"))
 
     def crop(q):
-        img = read(q["image"])
-        x1, y1, x2, y2 = (int(round(v)) for v in q["box"])
+        img = read(q["file_name"])
+        x1, y1, x2, y2 = (int(round(v)) for v in q["query_box"])
         return np.ascontiguousarray(img[y1:y2, x1:x2])
 
     extractors = {"colour_hist": lambda im: {"": colour_histogram(im)}}
     if use_cnn:
         extractors["lite0"] = Lite0Features()
-    db_imgs = [read(p) for p in db]
+    db_imgs = [read(d["file_name"]) for d in db]
     results = {}
     for name, fn in extractors.items():
         db_f = [fn(im) for im in db_imgs]
-        whole = [fn(read(q["image"])) for q in queries]
+        whole = [fn(read(q["file_name"])) for q in queries]
         cropped = [fn(crop(q)) for q in queries]
         for pool in db_f[0]:
             key = f"{name}_{pool}" if pool else name
@@ -158,8 +141,7 @@ def measure(root: str, use_cnn: bool = True) -> Dict[str, Dict[str, float]]:
             }
     rng = np.random.default_rng(0)
     rand = [
-        np.nanmean([oxford_ap(rng.permutation(len(db)).tolist(), g["ok"], g["junk"]) for g in gnd])
-        for _ in range(20)
+        oxford_paris_map([rng.permutation(len(db)) for _ in gnd], gnd)["mAP"] for _ in range(20)
     ]
     results["random"] = {"whole": float(np.mean(rand)), "crop": float(np.mean(rand))}
     return results

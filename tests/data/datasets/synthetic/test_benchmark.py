@@ -1,4 +1,4 @@
-"""Tests of the synthetic benchmark and generic detection set generators (tiny sizes only)."""
+"""Tests of the synthetic instance-search benchmark generator (tiny sizes only)."""
 
 import filecmp
 import json
@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval_ext.data.datasets.synthetic import (
-    GENERIC_CATEGORIES,
-    generate_generic_detection_set,
-    generate_synthetic_benchmark,
-)
+from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 
 TINY = dict(num_instances=4, queries_per_instance=2, num_db=20, short_side=128)
 
@@ -51,6 +47,21 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
     differing = [f for f in files if f.endswith(".jpg") and not filecmp.cmp(
         os.path.join(a, f), os.path.join(c, f), shallow=False)]  # fmt: skip
     assert len(differing) == 28  # every image depends on the seed
+
+
+def test_counts_and_instances_have_their_own_streams(tmp_path):
+    # The database plan and images draw from their own streams: a larger database changes
+    # neither the instances nor their query views.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    generate_synthetic_benchmark(a, seed=4, **TINY)
+    generate_synthetic_benchmark(b, seed=4, **dict(TINY, num_db=30))
+    queries = sorted(os.listdir(os.path.join(a, "queries")))
+    assert len(queries) == 8
+    _, mismatch, errors = filecmp.cmpfiles(
+        os.path.join(a, "queries"), os.path.join(b, "queries"), queries, shallow=False
+    )
+    assert mismatch == [] and errors == []
+    assert filecmp.cmp(os.path.join(a, "queries.json"), os.path.join(b, "queries.json"), False)
 
 
 def test_custom_format(tiny):
@@ -171,73 +182,3 @@ def test_positive_regions_look_like_their_query(tmp_path):
             total += 1
     assert total >= 12
     assert hits / total >= 0.5  # chance is 0.25; seeds 0-7 give 0.65 to 0.92
-
-
-def test_generic_detection_set_is_coco_and_disjoint(tmp_path):
-    from pycocotools.coco import COCO
-
-    root = str(tmp_path / "generic")
-    summary = generate_generic_detection_set(root, num_train=6, num_val=2, short_side=96, seed=0)
-    docs = {}
-    for split in ("annotations", "train", "val"):
-        with open(os.path.join(root, f"{split}.json")) as f:
-            docs[split] = json.load(f)
-    all_doc = docs["annotations"]
-    assert [im["id"] for im in docs["train"]["images"]] + [
-        im["id"] for im in docs["val"]["images"]
-    ] == [im["id"] for im in all_doc["images"]]
-    assert len(docs["train"]["images"]) == 6 and len(docs["val"]["images"]) == 2
-    names = [c["name"] for c in all_doc["categories"]]
-    assert names == list(GENERIC_CATEGORIES)
-    assert len({c["id"] for c in all_doc["categories"]}) == len(names)
-    bench_root = str(tmp_path / "bench")
-    bench = generate_synthetic_benchmark(bench_root, seed=0, **TINY)
-    assert not set(names) & set(bench["objects"])
-    assert not {n.split("_")[0] for n in bench["objects"]} & {n.split("_")[0] for n in names}
-
-    coco = COCO(os.path.join(root, "annotations.json"))
-    assert len(coco.getAnnIds()) == summary["num_annotations"] >= 8
-    for ann in all_doc["annotations"]:
-        im = coco.imgs[ann["image_id"]]
-        w, h = Image.open(os.path.join(root, "images", im["file_name"])).size
-        assert (w, h) == (im["width"], im["height"])
-        x, y, bw, bh = ann["bbox"]
-        assert bw > 0 and bh > 0 and x >= 0 and y >= 0 and x + bw <= w and y + bh <= h
-        assert ann["area"] == pytest.approx(bw * bh)
-        assert ann["category_id"] in coco.cats
-
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.data.datasets import register_coco_instances
-
-    name = "synthetic_generic_test_tmp"
-    register_coco_instances(
-        name, {}, os.path.join(root, "train.json"), os.path.join(root, "images")
-    )
-    try:
-        dicts = DatasetCatalog.get(name)
-        assert len(dicts) == 6
-        assert MetadataCatalog.get(name).thing_classes == list(GENERIC_CATEGORIES)
-    finally:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-
-
-def test_cli_writes_benchmark_and_generic_set(tmp_path, capsys):
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "make_synthetic.py")
-    spec = importlib.util.spec_from_file_location("make_synthetic", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    out = str(tmp_path / "syn")
-    cli.main(
-        ["--output", out, "--num-db", "6", "--num-instances", "3", "--queries-per-instance", "1",
-         "--short-side", "96", "--generic", "--generic-train", "2", "--generic-val", "1",
-         "--generic-short-side", "96"]
-    )  # fmt: skip
-    printed = capsys.readouterr().out
-    assert all(f"obj0{k}" in printed for k in range(3))
-    assert len(os.listdir(os.path.join(out, "images"))) == 6
-    assert len(os.listdir(os.path.join(out, "queries"))) == 3
-    with open(os.path.join(out, "generic", "annotations.json")) as f:
-        assert len(json.load(f)["images"]) == 3
