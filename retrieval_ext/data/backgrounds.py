@@ -20,7 +20,8 @@ from typing import Sequence, Tuple
 import cv2
 import numpy as np
 
-from .datasets.synthetic import _background, _poster_texture
+from .datasets.synthetic.scene import background as synthetic_scene
+from .datasets.synthetic.textures import poster_texture
 
 __all__ = ["ImageBackgrounds", "ProceduralBackgrounds", "occluder_texture", "paste_warped"]
 
@@ -49,7 +50,7 @@ def occluder_texture(rng: np.random.Generator) -> np.ndarray:
         (H, W, 3) float32 RGB in [0, 255], a rectangle (long side 120 to 200 px).
     """
     if rng.random() < 2 / 3:
-        texture, _ = _poster_texture(rng)
+        texture, _ = poster_texture(rng)
         return np.clip(texture, 0, 255)
     return np.clip(_paper_texture(rng), 0, 255)
 
@@ -131,7 +132,7 @@ class ProceduralBackgrounds:
     def __call__(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
         """A scene, uint8 (height, width, 3)."""
         h, w = max(height // 2, 1), max(width // 2, 1)
-        canvas = _background(rng, h, w, clutter=1.0)
+        canvas = synthetic_scene(rng, h, w, clutter=1.0)
         for _ in range(int(rng.integers(0, self.max_objects + 1))):
             texture = occluder_texture(rng)
             centre = (rng.uniform(0, w), rng.uniform(0, h))
