@@ -114,6 +114,9 @@ def add_retrieval_config(cfg):
     _C.MODEL.FINETUNE.CAMERA_OCCLUDERS = 2
     # ... and the largest fraction of its box they may cover together, in [0, 1).
     _C.MODEL.FINETUNE.CAMERA_MAX_OCCLUSION = 0.3
+    # Most other query objects of the fine-tuning set placed beside the object in a photo, each
+    # annotated with its own class (more classes seen per image; 0 = the object alone).
+    _C.MODEL.FINETUNE.CAMERA_OBJECTS = 0
 
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()

@@ -25,11 +25,12 @@ data-loader worker); the procedural content (background, occluders) from a
 ``numpy.random.Generator`` seeded by one such draw, so ``np.random.seed(s)`` fixes the output.
 """
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 
 from .backgrounds import occluder_texture, paste_warped, random_quad
 from .camera_transforms import (
@@ -41,6 +42,7 @@ from .camera_transforms import (
 )
 
 __all__ = [
+    "ObjectPool",
     "RandomCameraBlur",
     "RandomCameraView",
     "RandomLighting",
@@ -110,6 +112,69 @@ def content_box(
     )
 
 
+class ObjectPool:
+    """Query views that :class:`RandomCameraView` places beside the object, each annotated with
+    its own class: the fine-tuning set's other objects, so one photo teaches several classes.
+
+    Images are read on first use and kept (a few hundred query views fit in memory).
+    """
+
+    def __init__(self, dicts: Sequence[dict], image_format: str = "RGB"):
+        """
+        Args:
+            dicts: fine-tuning dicts (``file_name``, ``annotations`` with ``bbox``,
+                ``bbox_mode``, ``category_id``; ``horizontal_flip`` honoured); one entry per
+                annotation.
+            image_format: ``INPUT.FORMAT``.
+
+        Raises:
+            ValueError: no annotated object in ``dicts``.
+        """
+        self.items = [
+            (
+                d["file_name"],
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS),
+                int(a["category_id"]),
+                bool(d.get("horizontal_flip", False)),
+            )
+            for d in dicts
+            for a in d.get("annotations", [])
+        ]
+        if not self.items:
+            raise ValueError("ObjectPool needs at least one annotated object")
+        self.image_format = image_format
+        self._images: Dict[Tuple[str, bool], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, index: int) -> Tuple[np.ndarray, np.ndarray, int]:
+        """(image, XYXY box of the object in it, category id) of entry ``index``."""
+        from .mapper import read_image  # the mapper imports this module
+
+        file_name, box, category, flip = self.items[index]
+        image = self._images.get((file_name, flip))
+        if image is None:
+            image = read_image(file_name, self.image_format)
+            image = np.ascontiguousarray(image[:, ::-1]) if flip else image
+            self._images[(file_name, flip)] = image
+        box = np.asarray(box, np.float64)
+        if flip:
+            box = np.array([image.shape[1] - box[2], box[1], image.shape[1] - box[0], box[3]])
+        return image, box, category
+
+
+def _overlap(box: np.ndarray, others: Sequence[np.ndarray]) -> float:
+    """Largest fraction of ``box``'s area covered by one of ``others`` (XYXY)."""
+    area = max((box[2] - box[0]) * (box[3] - box[1]), 1e-6)
+    fractions = [
+        max(min(box[2], o[2]) - max(box[0], o[0]), 0)
+        * max(min(box[3], o[3]) - max(box[1], o[1]), 0)
+        for o in others
+    ]
+    return max(fractions, default=0.0) / area
+
+
 class RandomCameraView(T.Augmentation):
     """The object (its box) seen by a camera: a random homography onto a background scene.
 
@@ -121,6 +186,11 @@ class RandomCameraView(T.Augmentation):
     corners jitter by up to a quarter of that, and its centre lies in the middle 40% of the
     canvas (a large object may leave the frame, as in photos). With probability ``frame_prob``
     a dark frame (4-10% wider than the object) is drawn around it on the background.
+
+    With an ``others`` pool, 0 to ``max_others`` other objects from it are drawn into the scene
+    first (a fifth to half of the canvas's shorter side, anywhere, away from most of the band around
+    the object where occluders go, each overlapping another's box by at most a quarter); the
+    transform lists their canvas boxes and classes in ``placed`` for the mapper to annotate.
     """
 
     def __init__(
@@ -132,6 +202,8 @@ class RandomCameraView(T.Augmentation):
         canvas_short_side: int = 0,
         frame_prob: float = 0.5,
         trim_margin: bool = True,
+        others: Optional[ObjectPool] = None,
+        max_others: int = 0,
     ):
         super().__init__()
         if not 0 < scale[0] <= scale[1]:
@@ -145,10 +217,10 @@ class RandomCameraView(T.Augmentation):
         long = int(round(short * 4 / 3))
         return (short, long) if np.random.rand() < 0.7 else (long, short)
 
-    def _destination(self, box: np.ndarray, height: int, width: int) -> np.ndarray:
+    def _destination(self, box, height, width, scale, centre_range=(0.3, 0.7)) -> np.ndarray:
         """Canvas corners (4, 2) of the box's corners (top-left, top-right, bottom-right, ...)."""
         bw, bh = box[2] - box[0], box[3] - box[1]
-        size = min(height, width) * np.exp(np.random.uniform(*np.log(self.scale)))
+        size = min(height, width) * np.exp(np.random.uniform(*np.log(scale)))
         pts = np.array([[-bw, -bh], [bw, -bh], [bw, bh], [-bw, bh]]) / 2 * (size / max(bw, bh))
         a = np.deg2rad(np.random.uniform(-self.max_rotation, self.max_rotation))
         pts = pts @ np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]).T
@@ -156,25 +228,56 @@ class RandomCameraView(T.Augmentation):
         tilt = np.random.uniform(0, self.perspective)
         pts[[side, (side + 1) % 4]] *= 1 - tilt
         pts += np.random.uniform(-1, 1, (4, 2)) * self.perspective / 4 * size
-        centre = np.array([width, height]) * np.random.uniform(0.3, 0.7, 2)
+        centre = np.array([width, height]) * np.random.uniform(*centre_range, 2)
         return pts + centre
+
+    def _paste(self, canvas, rng, image, box, dst) -> None:
+        """Draw ``image``'s ``box`` onto the quad ``dst`` of ``canvas``, maybe framed."""
+        if rng.random() < self.frame_prob:
+            centre = dst.mean(0)
+            frame = centre + (dst - centre) * rng.uniform(1.04, 1.10)
+            paste_warped(canvas, np.full((8, 8, 3), rng.uniform(5, 45), np.float32), frame)
+        if image is not None:
+            x0, y0, x1, y1 = np.round(box).astype(int)
+            paste_warped(canvas, image[y0:y1, x0:x1], dst)
+
+    def _place_others(self, canvas, rng, main_dst) -> List[Tuple[List[float], int]]:
+        h, w = canvas.shape[:2]
+        # occluders lie across the object's border (up to 0.4 of its long side beyond it): keep
+        # the others out of most of that band, so that an occluder rarely hides one of them
+        lo, hi = main_dst.min(0), main_dst.max(0)
+        margin = 0.25 * (hi - lo).max()
+        taken = [np.r_[lo - margin, hi + margin]]
+        placed = []
+        for _ in range(int(np.random.randint(0, self.max_others + 1))):
+            image, box, category = self.others.get(int(rng.integers(len(self.others))))
+            box = np.round(content_box(image, box) if self.trim_margin else box)
+            dst = self._destination(box, h, w, (0.2, 0.5), (0.1, 0.9))
+            extent = np.r_[dst.min(0), dst.max(0)]
+            if _overlap(extent, taken) > 0.25 or max(_overlap(t, [extent]) for t in taken) > 0.25:
+                continue
+            self._paste(canvas, rng, image, box, dst)
+            taken.append(extent)
+            clipped = np.clip(extent, 0, [w, h, w, h])
+            if clipped[2] - clipped[0] >= 4 and clipped[3] - clipped[1] >= 4:
+                placed.append((clipped.tolist(), category))
+        return placed
 
     def get_transform(self, image: np.ndarray, boxes=None) -> HomographyTransform:
         height, width = self._canvas(image)
         box = _object_box(image, boxes)
         if self.trim_margin:
             box = content_box(image, box)
-        dst = self._destination(box, height, width)
+        dst = self._destination(box, height, width, self.scale)
         src = box[[0, 1, 2, 1, 2, 3, 0, 3]].reshape(4, 2)
         matrix = cv2.getPerspectiveTransform(src.astype(np.float32), dst.astype(np.float32))
         rng = _generator()
         background = self.background(rng, height, width).astype(np.float32)
-        if rng.random() < self.frame_prob:
-            centre = dst.mean(0)
-            frame = centre + (dst - centre) * rng.uniform(1.04, 1.10)
-            dark = np.full((8, 8, 3), rng.uniform(5, 45), np.float32)
-            paste_warped(background, dark, frame)
-        return HomographyTransform(matrix.astype(np.float64), height, width, background, box)
+        placed = self._place_others(background, rng, dst) if self.others and self.max_others else []
+        self._paste(background, rng, None, box, dst)  # the object's own frame
+        return HomographyTransform(
+            matrix.astype(np.float64), height, width, background, box, placed
+        )
 
 
 class RandomOccluders(T.Augmentation):
@@ -291,12 +394,22 @@ def camera_augmentations(
     max_occluders: int = 2,
     max_occlusion: float = 0.3,
     trim_margin: bool = True,
+    others: Optional[ObjectPool] = None,
+    max_others: int = 0,
 ) -> List[T.Augmentation]:
     """The ``"camera"`` augmentation list, in the order a photo is made (see the module
     docstring): view and scene, clutter on top, light, then the camera's blur and noise."""
     return [
         RandomCameraView(
-            background, scale, max_rotation, perspective, canvas_short_side, frame_prob, trim_margin
+            background,
+            scale,
+            max_rotation,
+            perspective,
+            canvas_short_side,
+            frame_prob,
+            trim_margin,
+            others,
+            max_others,
         ),
         RandomOccluders(max_occluders, max_occlusion),
         RandomLighting(),

@@ -42,6 +42,7 @@ class HomographyTransform(T.Transform):
         width: int,
         background: Optional[np.ndarray] = None,
         source_box: Optional[Sequence[float]] = None,
+        placed: Sequence[Tuple[Sequence[float], int]] = (),
     ):
         """
         Args:
@@ -52,6 +53,8 @@ class HomographyTransform(T.Transform):
             source_box: XYXY region of the input that is warped (the rest is left out, e.g. a
                 scan's blank margin); boxes are clipped to it before they are warped. None =
                 the whole input.
+            placed: other objects the background shows, as (XYXY canvas box, category id):
+                annotations for the mapper to add (see ``RandomCameraView``).
         """
         super().__init__()
         self._set_attributes(locals())

@@ -27,11 +27,11 @@ from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import BoxMode
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-from .augment import camera_augmentations
+from .augment import ObjectPool, camera_augmentations
 from .backgrounds import ImageBackgrounds, ProceduralBackgrounds
 from .boxes import validate_box
 
@@ -42,6 +42,7 @@ __all__ = [
     "camera_options_from_config",
     "crop_to_box",
     "finetune_augmentations",
+    "placed_instances",
     "read_image",
     "read_image_bytes",
 ]
@@ -213,7 +214,14 @@ def camera_options_from_config(cfg) -> dict:
         background = ImageBackgrounds(files, cfg.INPUT.FORMAT)
     else:
         background = ProceduralBackgrounds()
+    others = None
+    if ft.CAMERA_OBJECTS > 0:
+        others = ObjectPool(
+            [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)], cfg.INPUT.FORMAT
+        )
     return {
+        "others": others,
+        "max_others": int(ft.CAMERA_OBJECTS),
         "background": background,
         "scale": tuple(float(v) for v in ft.CAMERA_SCALE),
         "max_rotation": float(ft.CAMERA_ROTATION),
@@ -223,6 +231,23 @@ def camera_options_from_config(cfg) -> dict:
         "max_occluders": int(ft.CAMERA_OCCLUDERS),
         "max_occlusion": float(ft.CAMERA_MAX_OCCLUSION),
     }
+
+
+def placed_instances(transforms: T.TransformList, image_shape) -> Instances:
+    """The other objects a camera view drew into its scene (``HomographyTransform.placed``),
+    their boxes carried through the transforms that follow it, as ``gt_boxes`` /
+    ``gt_classes`` in the final ``image_shape`` (H, W) frame; empty ones dropped."""
+    boxes, classes = [], []
+    steps = transforms.transforms
+    for i, tfm in enumerate(steps):
+        for box, category in getattr(tfm, "placed", ()):
+            later = T.TransformList(steps[i + 1 :])
+            boxes.append(later.apply_box(np.array([box], np.float64))[0])
+            classes.append(category)
+    annos = [
+        {"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c} for b, c in zip(boxes, classes)
+    ]
+    return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
 
 
 class RetrievalDatasetMapper(DatasetMapper):
@@ -327,4 +352,7 @@ class RetrievalDatasetMapper(DatasetMapper):
 
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+            placed = placed_instances(transforms, image.shape[:2])
+            if len(placed):
+                dataset_dict["instances"] = Instances.cat([dataset_dict["instances"], placed])
         return dataset_dict

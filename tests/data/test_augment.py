@@ -258,3 +258,89 @@ def test_bad_camera_parameters_are_refused():
     assert isinstance(
         RandomSensorNoise(prob=0.0).get_transform(np.zeros((4, 4, 3))), T.NoOpTransform
     )
+
+
+def _green_pool(tmp_path, n=3):
+    """Fine-tuning dicts of green objects (a white margin around each), category k for the k-th."""
+    from detectron2.structures import BoxMode
+    from PIL import Image
+
+    dicts = []
+    for k in range(n):
+        img = np.full((80, 60, 3), 255, np.uint8)
+        img[10:70, 8:52] = (0, 255, 0)
+        img[30:40, 20:30] = (0, 200, 0)
+        path = str(tmp_path / f"green{k}.png")
+        Image.fromarray(img).save(path)
+        ann = {"bbox": [0, 0, 60, 80], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 5 + k}
+        dicts.append({"file_name": path, "annotations": [ann], "horizontal_flip": k == 1})
+    return dicts
+
+
+def test_other_objects_are_placed_with_their_boxes_and_classes(tmp_path):
+    from retrieval_ext.data.augment import ObjectPool
+
+    img, boxes = _object_image()
+    pool = ObjectPool(_green_pool(tmp_path), "RGB")
+    aug = RandomCameraView(
+        _black, scale=(0.3, 0.5), canvas_short_side=300, frame_prob=0.0, others=pool, max_others=3
+    )
+    count = 0
+    for seed in range(12):
+        np.random.seed(seed)
+        inp = T.AugInput(img, boxes=boxes.copy())
+        tfm = aug(inp)
+        placed = tfm.transforms[0].placed if isinstance(tfm, T.TransformList) else tfm.placed
+        out = inp.image.astype(int)
+        green = (out[..., 1] > 150) & (out[..., 0] < 80) & (out[..., 2] < 80)
+        claimed = np.zeros(green.shape, bool)
+        for box, category in placed:
+            assert category in (5, 6, 7)
+            x0, y0, x1, y1 = np.round(box).astype(int)
+            # the box holds a green object that reaches near each of its sides (no margin was
+            # pasted: the white border was trimmed)
+            inside = green[y0:y1, x0:x1]
+            assert inside.mean() > 0.3, (seed, box)
+            assert inside[:, :3].any() and inside[:, -3:].any(), (seed, box)
+            assert inside[:3].any() and inside[-3:].any(), (seed, box)
+            claimed[max(y0 - 2, 0) : y1 + 2, max(x0 - 2, 0) : x1 + 2] = True
+        assert not (green & ~claimed).any(), seed  # every green pixel is in some box
+        assert (out.min(axis=2) > 200).sum() == 0  # no white margin anywhere
+        count += len(placed)
+        _assert_box_covers(_red_box(inp.image), np.clip(inp.boxes[0], 0, 400))
+    assert count >= 6
+
+
+def test_mapper_annotates_the_placed_objects(tmp_path):
+    from detectron2.structures import BoxMode
+    from PIL import Image
+
+    from retrieval_ext.data import RetrievalDatasetMapper
+    from retrieval_ext.data.augment import ObjectPool
+
+    img, _ = _object_image()
+    path = str(tmp_path / "red.png")
+    Image.fromarray(img).save(path)
+    ann = {"bbox": [40, 30, 110, 90], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 1}
+    d = {"file_name": path, "image_id": "r", "height": 120, "width": 160, "annotations": [ann]}
+    view = RandomCameraView(
+        _black,
+        scale=(0.3, 0.5),
+        canvas_short_side=300,
+        frame_prob=0.0,
+        others=ObjectPool(_green_pool(tmp_path), "RGB"),
+        max_others=3,
+    )
+    resize = T.ResizeShortestEdge(150, 1000)
+    mapper = RetrievalDatasetMapper(is_train=True, augmentations=[view, resize], image_format="RGB")
+    for seed in range(6):
+        np.random.seed(seed)
+        inst = mapper(dict(d))["instances"]
+        np.random.seed(seed)
+        inp = T.AugInput(img, boxes=np.array([[40.0, 30, 110, 90]]))
+        tfm = view(inp)
+        placed = tfm.placed
+        assert inst.gt_classes.tolist() == [1] + [c for _, c in placed]
+        # the placed boxes, halved by the resize from 300 to 150
+        expected = np.array([b for b, _ in placed]).reshape(-1, 4) / 2
+        np.testing.assert_allclose(inst.gt_boxes.tensor[1:].numpy(), expected, atol=1e-3)
