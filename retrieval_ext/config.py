@@ -94,9 +94,9 @@ def add_retrieval_config(cfg):
     # blur, noise and JPEG; the MODEL.FINETUNE.CAMERA_* keys; retrieval_ext/data/augment.py).
     _C.MODEL.FINETUNE.AUGMENT = "none"
 
-    # ---------------------------------------------------------------- fine-tuning: camera photos
-    # AUGMENT "camera" only. Range of the object's long side in the photo, as a fraction of the
-    # photo's shorter side (drawn log-uniformly; above 1 the object may leave the frame).
+    # ---------------------------------------------------------------- fine-tuning on clean views
+    # CAMERA_* keys: AUGMENT "camera" only. Range of the object's long side in the photo, as a
+    # fraction of the photo's shorter side (drawn log-uniformly; above 1 it may leave the frame).
     _C.MODEL.FINETUNE.CAMERA_SCALE = (0.4, 1.1)
     # Largest in-plane rotation of the object in degrees (uniform in [-x, x]; 180 = any angle).
     _C.MODEL.FINETUNE.CAMERA_ROTATION = 180.0
@@ -117,6 +117,10 @@ def add_retrieval_config(cfg):
     # Most other query objects of the fine-tuning set placed beside the object in a photo, each
     # annotated with its own class (more classes seen per image; 0 = the object alone).
     _C.MODEL.FINETUNE.CAMERA_OBJECTS = 0
+    # Start the query classes' classifier (cls_score) from their mean box-head features in this
+    # many augmented passes over the fine-tuning set ("weight imprinting", retrieval_ext/engine/
+    # imprint.py) instead of random weights; 0 = random (the paper).
+    _C.MODEL.FINETUNE.IMPRINT_VIEWS = 0
 
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()
