@@ -1,10 +1,13 @@
-"""Models: importing this package registers the meta-architecture, ROI heads and backbones."""
+"""Models: importing this package registers the meta-architecture, ROI heads, box heads and
+backbones."""
 
 from . import backbones as _backbones  # noqa: F401  registers VGG16, ZF, EfficientNet-Lite0
+from .box_heads import RetrievalPooledBoxHead
 from .meta_arch import RetrievalRCNN
 from .roi_heads import RetrievalRes5ROIHeads, RetrievalROIHeadsMixin, RetrievalStandardROIHeads
 
 __all__ = [
+    "RetrievalPooledBoxHead",
     "RetrievalRCNN",
     "RetrievalRes5ROIHeads",
     "RetrievalROIHeadsMixin",
