@@ -86,3 +86,45 @@ def written_out_iou(a, b):
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+def ca_sr_per_image(query_region, order, region_vectors, region_boxes, top_n):
+    """CA-SR written out one image at a time, independently of retrieval_ext.retrieval.reranking
+    (the per-image reference the benchmark once checked the vectorised version against).
+
+    Cosines in float64; an image's best proposal is the first maximum; images without proposals
+    (None or 0 rows) score -inf; the block is stably sorted by descending score.
+
+    Args:
+        query_region: (D,) query region vector (any scale).
+        order: (L,) database indices from the filtering stage, best first.
+        region_vectors, region_boxes: database index -> (K_i, D) vectors, (K_i, 4) boxes.
+        top_n: images reranked.
+
+    Returns:
+        (order, scores, best_proposal, boxes) of the reranked block of ``min(top_n, L)`` images.
+    """
+    q = np.asarray(query_region, dtype=np.float64).ravel()
+    q = q / np.linalg.norm(q)
+    block = [int(i) for i in order[:top_n]]
+    scores, best, boxes = [], [], []
+    for i in block:
+        v = region_vectors[i]
+        if v is None or len(v) == 0:
+            scores.append(-np.inf)
+            best.append(-1)
+            boxes.append([np.nan] * 4)
+            continue
+        v = np.asarray(v, dtype=np.float64)
+        cos = (v @ q) / np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+        b = int(np.argmax(cos))
+        scores.append(cos[b])
+        best.append(b)
+        boxes.append(np.asarray(region_boxes[i], dtype=np.float64)[b])
+    perm = sorted(range(len(block)), key=lambda j: (-scores[j], j))
+    return (
+        np.array([block[j] for j in perm]),
+        np.array([scores[j] for j in perm]),
+        np.array([best[j] for j in perm]),
+        np.array([boxes[j] for j in perm]),
+    )

@@ -50,6 +50,13 @@ def test_recall_at_k_hand_example():
     assert recall_at_k(a, e, 4) == pytest.approx((2 / 4 + 1 / 4) / 2)
 
 
+# recall@100 against brute force on the clustered data below. HNSW (128 candidates for 100 on
+# 3000 points) is all but exact: 0.999 measured for seeds 0-2. IVF-PQ codes 2 dimensions per byte
+# (16 codes for 32-d) and visits 8 of 32 cells: 0.96-0.97 for seeds 0-2, as BENCHMARKS.md reports
+# 0.93-0.96 on clustered vectors; with nprobe 1 (nprobe not applied) it falls to 0.78.
+MIN_RECALL = {"hnsw": 0.98, "ivfpq": 0.93}
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivfpq"])
 def test_approximate_index_recall_save_and_reload(kind, tmp_path):
     rng = np.random.default_rng(2)
@@ -64,7 +71,7 @@ def test_approximate_index_recall_save_and_reload(kind, tmp_path):
     assert len(saved) == 1
     exact = np.stack([_brute(q, db)[0][:100] for q in queries])
     approx, _ = f.search(queries, 100)
-    assert recall_at_k(approx, exact, 100) > 0.5
+    assert recall_at_k(approx, exact, 100) >= MIN_RECALL[kind]
     again = FaissFilter.load_or_build(db, params, tmp_path)  # loaded, not rebuilt
     assert np.array_equal(again.search(queries, 100)[0], approx)
     order, scores = f.rank(queries[0], top_k=100)

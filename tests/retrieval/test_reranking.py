@@ -203,3 +203,35 @@ def test_cs_rerank_callable_and_validation():
         class_specific_rerank(-1, [0], [0.1], probs)
     with pytest.raises(ValueError):
         class_specific_rerank(0, [0], [0.1], probs, {0: np.zeros((2, 3))})
+
+
+def test_ca_rerank_matches_per_image_reference_on_float16_index_blocks():
+    """The vectorised CA-SR against tests.common's per-image oracle on index-like data: float16
+    vectors of varying norm, images with no proposals, and images larger than the 1024-row
+    conversion buffer, so that images straddle and exceed its blocks."""
+    from tests.common import ca_sr_per_image
+
+    rng = np.random.default_rng(7)
+    d, n_total, top_n = 24, 60, 40
+    order = rng.permutation(n_total)
+    counts = rng.integers(1, 300, n_total)
+    counts[order[[2, 9, 30]]] = [1500, 2100, 1030]  # in the block, each over one buffer
+    counts[order[[4, 18]]] = 0  # in the block, no proposals
+    vectors = [
+        (rng.standard_normal((int(k), d)) * rng.uniform(0.1, 10)).astype(np.float16) for k in counts
+    ]
+    vectors[order[25]] = None  # in the block, nothing stored
+    boxes = [rng.uniform(0, 500, (int(k), 4)).astype(np.float32) for k in counts]
+    filt = np.sort(rng.random(n_total))[::-1].astype(np.float32)
+    q = rng.standard_normal(d).astype(np.float32)
+
+    res = class_agnostic_rerank(q, order, filt, vectors, boxes, top_n=top_n)
+    want_order, want_scores, want_best, want_boxes = ca_sr_per_image(
+        q, order, vectors, boxes, top_n
+    )
+    np.testing.assert_array_equal(res.order[:top_n], want_order)
+    np.testing.assert_allclose(res.scores[:top_n], want_scores, atol=1e-5)
+    np.testing.assert_array_equal(res.best_proposal[:top_n], want_best)
+    np.testing.assert_allclose(res.boxes[:top_n], want_boxes)
+    assert np.all(np.isneginf(res.scores[top_n - 3 : top_n]))  # the 3 empty images sort last
+    np.testing.assert_array_equal(res.order[top_n:], order[top_n:])
