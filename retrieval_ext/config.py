@@ -89,7 +89,9 @@ def add_retrieval_config(cfg):
     # Training-time augmentations added before detectron2's resize and flip, for fine-tuning on
     # a few query views: "none" (the paper), "photometric" (brightness, contrast, saturation),
     # "strong" (photometric + rotation up to 30 degrees + zoom-out to half size, so the query
-    # object is seen smaller and turned as it appears in the collection).
+    # object is seen smaller and turned as it appears in the collection), "camera" (a photo of
+    # the object: random homography onto a background scene, occluders, uneven light and glare,
+    # blur, noise and JPEG; the MODEL.FINETUNE.CAMERA_* keys; retrieval_ext/data/augment.py).
     _C.MODEL.FINETUNE.AUGMENT = "none"
 
     # ---------------------------------------------------------------- dense region proposals
@@ -113,6 +115,33 @@ def add_retrieval_config(cfg):
     _C.MODEL.DENSE_REGIONS.MAX_PROPOSALS = 300
     # IoU above which a lower-ranked region is dropped, in (0, 1]; 1.0 = no NMS.
     _C.MODEL.DENSE_REGIONS.NMS_THRESH = 1.0
+    # ---------------------------------------------------------------- fine-tuning on clean views
+    # CAMERA_* keys: AUGMENT "camera" only. Range of the object's long side in the photo, as a
+    # fraction of the photo's shorter side (drawn log-uniformly; above 1 it may leave the frame).
+    _C.MODEL.FINETUNE.CAMERA_SCALE = (0.4, 1.1)
+    # Largest in-plane rotation of the object in degrees (uniform in [-x, x]; 180 = any angle).
+    _C.MODEL.FINETUNE.CAMERA_ROTATION = 180.0
+    # Largest foreshortening of the object's far side by an out-of-plane tilt, in [0, 1).
+    _C.MODEL.FINETUNE.CAMERA_PERSPECTIVE = 0.35
+    # Shorter side of the synthesised photo in pixels (4:3); 0 = the query image's shorter side.
+    _C.MODEL.FINETUNE.CAMERA_CANVAS = 0
+    # Retrieval datasets whose database images are the scenes the object is placed on (random
+    # crops; they must not show any query object); [] = procedural scenes of the synthetic
+    # generator with its posters and printed sheets lying on them.
+    _C.MODEL.FINETUNE.CAMERA_BACKGROUNDS = []
+    # Probability of a dark frame around the object (a case, a mount, a picture frame).
+    _C.MODEL.FINETUNE.CAMERA_FRAME = 0.5
+    # Most occluders (posters, paper sheets) laid over the object in half of the photos ...
+    _C.MODEL.FINETUNE.CAMERA_OCCLUDERS = 2
+    # ... and the largest fraction of its box they may cover together, in [0, 1).
+    _C.MODEL.FINETUNE.CAMERA_MAX_OCCLUSION = 0.3
+    # Most other query objects of the fine-tuning set placed beside the object in a photo, each
+    # annotated with its own class (more classes seen per image; 0 = the object alone).
+    _C.MODEL.FINETUNE.CAMERA_OBJECTS = 0
+    # Start the query classes' classifier (cls_score) from their mean box-head features in this
+    # many augmented passes over the fine-tuning set ("weight imprinting", retrieval_ext/engine/
+    # imprint.py) instead of random weights; 0 = random (the paper).
+    _C.MODEL.FINETUNE.IMPRINT_VIEWS = 0
 
     # ---------------------------------------------------------------- extra backbones
     _C.MODEL.VGG = CN()

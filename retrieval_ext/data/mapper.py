@@ -24,19 +24,25 @@ from typing import List, Optional
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper
+from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode, Instances
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from .augment import ObjectPool, camera_augmentations
+from .backgrounds import ImageBackgrounds, ProceduralBackgrounds
 from .boxes import validate_box
 
 __all__ = [
     "RetrievalDatasetMapper",
+    "AUGMENT_KINDS",
     "UnreadableImageError",
+    "camera_options_from_config",
     "crop_to_box",
     "finetune_augmentations",
+    "placed_instances",
     "read_image",
     "read_image_bytes",
 ]
@@ -156,8 +162,17 @@ def crop_to_box(image: np.ndarray, box) -> tuple:
     return image[y0:y1, x0:x1], (x0, y0)
 
 
-def finetune_augmentations(kind: str) -> List[T.Augmentation]:
-    """The augmentations of ``MODEL.FINETUNE.AUGMENT`` (see config.py), applied first."""
+AUGMENT_KINDS = ("none", "photometric", "strong", "camera")
+
+
+def finetune_augmentations(kind: str, camera: Optional[dict] = None) -> List[T.Augmentation]:
+    """The augmentations of ``MODEL.FINETUNE.AUGMENT`` (see config.py), applied first.
+
+    Args:
+        kind: one of :data:`AUGMENT_KINDS`.
+        camera: for ``"camera"``, the keyword arguments of
+            :func:`~retrieval_ext.data.augment.camera_augmentations` (``background`` required).
+    """
     if kind == "none":
         return []
     photometric = [
@@ -173,9 +188,66 @@ def finetune_augmentations(kind: str) -> List[T.Augmentation]:
             # a canvas up to twice the image's size around it: the object shrinks to half
             T.RandomApply(T.RandomExtent(scale_range=(1.0, 2.0), shift_range=(1.0, 1.0)), 0.5),
         ]
-    raise ValueError(
-        f"MODEL.FINETUNE.AUGMENT must be 'none', 'photometric' or 'strong', got {kind!r}"
-    )
+    if kind == "camera":
+        if not camera or "background" not in camera:
+            raise ValueError("MODEL.FINETUNE.AUGMENT 'camera' needs a background source")
+        return camera_augmentations(**camera)
+    raise ValueError(f"MODEL.FINETUNE.AUGMENT must be one of {AUGMENT_KINDS}, got {kind!r}")
+
+
+def camera_options_from_config(cfg) -> dict:
+    """``MODEL.FINETUNE.CAMERA_*`` as the arguments of ``camera_augmentations``.
+
+    Raises:
+        KeyError: a ``CAMERA_BACKGROUNDS`` name that is not a registered retrieval dataset.
+    """
+    ft = cfg.MODEL.FINETUNE
+    if ft.CAMERA_BACKGROUNDS:
+        files = []
+        for name in ft.CAMERA_BACKGROUNDS:
+            if f"{name}_db" not in DatasetCatalog:
+                raise KeyError(
+                    f"MODEL.FINETUNE.CAMERA_BACKGROUNDS: {name!r} is not a registered retrieval "
+                    "dataset (built-in, or RETRIEVAL.CUSTOM_DATASETS)"
+                )
+            files += [d["file_name"] for d in DatasetCatalog.get(f"{name}_db")]
+        background = ImageBackgrounds(files, cfg.INPUT.FORMAT)
+    else:
+        background = ProceduralBackgrounds()
+    others = None
+    if ft.CAMERA_OBJECTS > 0:
+        others = ObjectPool(
+            [d for name in cfg.DATASETS.TRAIN for d in DatasetCatalog.get(name)], cfg.INPUT.FORMAT
+        )
+    return {
+        "others": others,
+        "max_others": int(ft.CAMERA_OBJECTS),
+        "background": background,
+        "scale": tuple(float(v) for v in ft.CAMERA_SCALE),
+        "max_rotation": float(ft.CAMERA_ROTATION),
+        "perspective": float(ft.CAMERA_PERSPECTIVE),
+        "canvas_short_side": int(ft.CAMERA_CANVAS),
+        "frame_prob": float(ft.CAMERA_FRAME),
+        "max_occluders": int(ft.CAMERA_OCCLUDERS),
+        "max_occlusion": float(ft.CAMERA_MAX_OCCLUSION),
+    }
+
+
+def placed_instances(transforms: T.TransformList, image_shape) -> Instances:
+    """The other objects a camera view drew into its scene (``HomographyTransform.placed``),
+    their boxes carried through the transforms that follow it, as ``gt_boxes`` /
+    ``gt_classes`` in the final ``image_shape`` (H, W) frame; empty ones dropped."""
+    boxes, classes = [], []
+    steps = transforms.transforms
+    for i, tfm in enumerate(steps):
+        for box, category in getattr(tfm, "placed", ()):
+            later = T.TransformList(steps[i + 1 :])
+            boxes.append(later.apply_box(np.array([box], np.float64))[0])
+            classes.append(category)
+    annos = [
+        {"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c} for b, c in zip(boxes, classes)
+    ]
+    return utils.filter_empty_instances(utils.annotations_to_instances(annos, image_shape))
 
 
 class RetrievalDatasetMapper(DatasetMapper):
@@ -209,9 +281,21 @@ class RetrievalDatasetMapper(DatasetMapper):
         if is_train:
             # a plain detectron2 config (no add_retrieval_config) has no FINETUNE node
             kind = cfg.MODEL.FINETUNE.AUGMENT if "FINETUNE" in cfg.MODEL else "none"
-            extra = finetune_augmentations(kind)
+            camera = camera_options_from_config(cfg) if kind == "camera" else None
+            extra = finetune_augmentations(kind, camera)
             ret["augmentations"] = extra + list(ret["augmentations"])
         return ret
+
+    def _object_boxes(self, dataset_dict: dict, pre: List[T.Transform]) -> Optional[np.ndarray]:
+        """Training: the annotated boxes (N, 4) XYXY after the transforms ``pre``; else None."""
+        annotations = dataset_dict.get("annotations") if self.is_train else None
+        if not annotations:
+            return None
+        boxes = np.array(
+            [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations],
+            dtype=np.float64,
+        )
+        return T.TransformList(pre).apply_box(boxes) if pre else boxes
 
     def _read(self, file_name: str) -> np.ndarray:
         return read_image(file_name, format=self.image_format)
@@ -253,7 +337,8 @@ class RetrievalDatasetMapper(DatasetMapper):
                 query_box = flip.apply_box(np.array([query_box]))[0].tolist()
 
         orig_h, orig_w = image.shape[:2]
-        aug_input = T.AugInput(image)
+        # camera-like augmentations place the object by its box, in the frame after the flip
+        aug_input = T.AugInput(image, boxes=self._object_boxes(dataset_dict, pre))
         transforms = T.TransformList(pre) + self.augmentations(aug_input)
         image = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
@@ -267,4 +352,7 @@ class RetrievalDatasetMapper(DatasetMapper):
 
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+            placed = placed_instances(transforms, image.shape[:2])
+            if len(placed):
+                dataset_dict["instances"] = Instances.cat([dataset_dict["instances"], placed])
         return dataset_dict

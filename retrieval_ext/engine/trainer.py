@@ -15,6 +15,8 @@ What it adds to ``DefaultTrainer``:
   A detection dataset with ``evaluator_type="coco"`` (e.g. the generic detection set on which
   the embedded default's RPN and box head are pre-trained) gets detectron2's ``COCOEvaluator``
   (box AP, files under ``OUTPUT_DIR/inference``).
+- ``MODEL.FINETUNE.IMPRINT_VIEWS``: before the first iteration the classifier of the query
+  classes is imprinted from their box features (:mod:`.imprint`).
 - Checkpoints load with ``RetrievalCheckpointer`` (torchvision VGG16 files; tensors whose shape
   differs, e.g. a COCO predictor loaded for the query classes, keep their fresh initialisation).
 
@@ -41,8 +43,9 @@ from ..data.datasets.catalog import retrieval_dataset_name
 from ..evaluation.retrieval_evaluator import RetrievalEvaluator
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .freeze import apply_freeze
+from .imprint import ImprintClassifier
 
-__all__ = ["RetrievalTrainer", "background_dicts", "setup_finetune_cfg"]
+__all__ = ["RetrievalTrainer", "background_dicts", "imprint_inputs", "setup_finetune_cfg"]
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -109,6 +112,16 @@ def _evaluator_type(dataset_name: str):
     """The ``evaluator_type`` of a registered dataset's metadata (``"retrieval"`` for the views of
     a retrieval dataset, ``"coco"`` for COCO-format detection sets), or None."""
     return MetadataCatalog.get(dataset_name).get("evaluator_type")
+
+
+def imprint_inputs(cfg, views: int):
+    """The training inputs whose box features imprint the classifier: each fine-tuning image
+    ``views`` times through the training mapper (augmented as in training)."""
+    mapper = RetrievalDatasetMapper(cfg, True)
+    dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=True)
+    for _ in range(views):
+        for d in dicts:
+            yield mapper(d)
 
 
 class RetrievalTrainer(DefaultTrainer):
@@ -220,4 +233,13 @@ class RetrievalTrainer(DefaultTrainer):
         self.checkpointer = RetrievalCheckpointer(
             old.model, old.save_dir, trainer=weakref.proxy(self)
         )
-        return super().build_hooks()
+        hooks = super().build_hooks()
+        views = self.cfg.MODEL.FINETUNE.IMPRINT_VIEWS
+        if views > 0:
+            hooks.insert(
+                0,
+                ImprintClassifier(
+                    lambda: imprint_inputs(self.cfg, views), self.cfg.MODEL.ROI_HEADS.NUM_CLASSES
+                ),
+            )
+        return hooks

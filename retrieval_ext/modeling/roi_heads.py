@@ -53,6 +53,18 @@ class RetrievalROIHeadsMixin:
         counts = [len(b) for b in boxes]
         return list(zip(sums.split(counts), maxs.split(counts)))
 
+    def head_features(self, features: Dict[str, torch.Tensor], boxes: List[Boxes]) -> torch.Tensor:
+        """What the box predictor takes for arbitrary boxes (e.g. ground-truth boxes).
+
+        Args:
+            features: backbone features of the batch.
+            boxes: one ``Boxes`` per image, network-input pixels.
+
+        Returns:
+            ``(R, D)`` for the R boxes of all images concatenated.
+        """
+        return self._region_forward(features, boxes)[1]
+
     def forward_retrieval(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """Detections plus retrieval fields for the kept proposals, from one pass of the box branch.
 

@@ -166,3 +166,73 @@ def test_finetune_augmentation_names():
     assert len(finetune_augmentations("photometric")) == 3
     with pytest.raises(ValueError, match="MODEL.FINETUNE.AUGMENT.*'heavy'"):
         finetune_augmentations("heavy")
+
+
+def _camera_cfg():
+    from retrieval_ext.config import add_retrieval_config
+
+    cfg = _cfg()
+    add_retrieval_config(cfg)
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.MODEL.FINETUNE.AUGMENT = "camera"
+    cfg.MODEL.FINETUNE.CAMERA_CANVAS = 150
+    cfg.MODEL.FINETUNE.CAMERA_FRAME = 0.0
+    return cfg
+
+
+def test_camera_augmentation_through_the_mapper_keeps_the_box_on_the_object(tmp_path):
+    """From the config to the instances, the flipped copy's box too (grey scene images as the
+    backgrounds, so that the only red pixels are the object's)."""
+    from detectron2.data import DatasetCatalog
+
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((90, 120, 3), 128, np.uint8)).save(grey)
+    DatasetCatalog.register("greyscenes_db", lambda: [{"file_name": str(grey), "image_id": "g"}])
+    cfg = _camera_cfg()
+    cfg.MODEL.FINETUNE.CAMERA_BACKGROUNDS = ["greyscenes"]
+    cfg.MODEL.FINETUNE.CAMERA_OCCLUDERS = 0  # occluders may be red
+    try:
+        mapper = RetrievalDatasetMapper(cfg, True)
+    finally:
+        DatasetCatalog.remove("greyscenes_db")
+    d = _red_square_dict(tmp_path)
+    for seed in range(8):
+        np.random.seed(seed)
+        out = mapper(dict(d, horizontal_flip=bool(seed % 2)))
+        img = out["image"].permute(1, 2, 0).numpy().astype(int)
+        assert min(img.shape[:2]) == 120  # canvas 150, then MIN_SIZE_TRAIN
+        # reddish after light ramps, casts, desaturation and blur: red well above green, blue
+        red = (img[..., 0] > 1.6 * np.maximum(img[..., 1], img[..., 2]) + 10) & (img[..., 0] > 40)
+        ys, xs = np.nonzero(red)
+        px = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        box = np.array(out["instances"].gt_boxes.tensor.tolist()[0])
+        assert (px[:2] >= box[:2] - 3).all() and (px[2:] <= box[2:] + 3).all(), (seed, px, box)
+        # a turned, tilted rectangle fills at least half of its bounding box; glare and blur
+        # may wash out part of it
+        assert red.sum() >= 0.3 * (box[2] - box[0]) * (box[3] - box[1]), seed
+
+
+def test_camera_options_from_config(tmp_path):
+    from retrieval_ext.data.backgrounds import ImageBackgrounds, ProceduralBackgrounds
+    from retrieval_ext.data.mapper import camera_options_from_config
+
+    cfg = _camera_cfg()
+    cfg.MODEL.FINETUNE.CAMERA_SCALE = (0.2, 0.5)
+    opts = camera_options_from_config(cfg)
+    assert isinstance(opts["background"], ProceduralBackgrounds)
+    assert opts["scale"] == (0.2, 0.5) and opts["canvas_short_side"] == 150
+    cfg.MODEL.FINETUNE.CAMERA_BACKGROUNDS = ["no_such_collection"]
+    with pytest.raises(KeyError, match="CAMERA_BACKGROUNDS.*no_such_collection"):
+        camera_options_from_config(cfg)
+    from detectron2.data import DatasetCatalog
+
+    path = tmp_path / "bg.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(path)
+    DatasetCatalog.register("bgtest_db", lambda: [{"file_name": str(path), "image_id": "b"}])
+    try:
+        cfg.MODEL.FINETUNE.CAMERA_BACKGROUNDS = ["bgtest"]
+        opts = camera_options_from_config(cfg)
+        assert isinstance(opts["background"], ImageBackgrounds)
+        assert opts["background"].files == [str(path)]
+    finally:
+        DatasetCatalog.remove("bgtest_db")
