@@ -9,10 +9,8 @@ from detectron2.data import DatasetCatalog
 from PIL import Image
 
 from retrieval_ext.data.datasets import register_custom_dataset
-from retrieval_ext.data.datasets.common import (
-    get_retrieval_metadata,
-    unregister_retrieval_dataset,
-)
+from retrieval_ext.data.datasets.catalog import get_retrieval_metadata
+from retrieval_ext.data.datasets.common import unregister_retrieval_dataset
 from tests.common import REPO_ROOT
 
 
