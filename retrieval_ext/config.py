@@ -242,3 +242,28 @@ def add_retrieval_config(cfg):
     # than float32 for 0.01 mAP points on the synthetic benchmark), "float16", "float32", or ""
     # (uncompressed, INDEX_DTYPE).
     _C.RETRIEVAL.REGION_DTYPE = "int8"
+
+    # ---------------------------------------------------------------- what the index stores
+    # An index holds the fields its stages read (retrieval/contents.py) and records them in its
+    # manifest; a stage needing a field the index lacks is refused with the key to set here.
+    _C.RETRIEVAL.STORE = CN()
+    # Image-wise vectors (IPA) stored, among "sum", "max"; [] = FILTER_POOLING (+ "sum" when
+    # WHITENING_DATASET is set: the whitening is learned on it).
+    _C.RETRIEVAL.STORE.IPA_POOLINGS = []
+    # Storage of the IPA vectors, stored L2-normalised: "float16" or "float32".
+    _C.RETRIEVAL.STORE.IPA_DTYPE = "float16"
+    # Region vectors (RPA) stored, among "sum", "max"; [] = RERANK_POOLING.
+    _C.RETRIEVAL.STORE.REGION_POOLINGS = []
+    # Per-proposal class probabilities (+ class boxes when STORE_CLASS_BOXES), read by CS-SR only:
+    # "auto" = for a model whose classes are the query objects (MODEL.FINETUNE.DATASET set, or
+    # ROI_HEADS.NUM_CLASSES equal to the number of query objects of DATASET), "yes", "no".
+    # Without them indexing skips the box head (backbone, proposals, RoI pooling, RPA only).
+    _C.RETRIEVAL.STORE.CLASS_OUTPUTS = "auto"
+    # With class outputs: keep only the k most probable object classes of each proposal (their
+    # ids, probabilities and boxes); 0 = every class.
+    _C.RETRIEVAL.STORE.CLASS_TOP_K = 0
+    # Storage of proposal and class boxes (original-image pixels): "float16" or "float32".
+    _C.RETRIEVAL.STORE.BOX_DTYPE = "float16"
+    # Also store each proposal's objectness logit (no stage reads it; proposals are stored best
+    # first).
+    _C.RETRIEVAL.STORE.OBJECTNESS = False

@@ -143,7 +143,7 @@ def load_or_learn_region_pca(
     **index_kwargs,
 ) -> RegionCompression:
     """A region compression whose PCA is learned on ``dataset``'s database region vectors
-    (``rpa_sum`` and ``rpa_max`` together), saved and reused.
+    (the stored poolings, ``rpa_sum`` and / or ``rpa_max``, together), saved and reused.
 
     Args:
         dim: PCA dimensions.
@@ -152,10 +152,11 @@ def load_or_learn_region_pca(
     """
 
     def learn(index: IndexReader) -> RegionCompression:
+        stored = [f for f in ("rpa_sum", "rpa_max") if f in index.schema]
         vecs = [
             np.asarray(index.regions(i)[f], dtype=np.float32)
             for i in range(index.num_images)
-            for f in ("rpa_sum", "rpa_max")
+            for f in stored
         ]
         learned = RegionCompression.learn(np.concatenate(vecs), num_proposals, dim, dtype)
         logger.info(f"learned the region PCA ({dim} dims) on {dataset}")

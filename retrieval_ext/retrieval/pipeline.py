@@ -15,8 +15,10 @@ from tqdm import tqdm
 
 from ..data.datasets.catalog import get_retrieval_metadata
 from .compression import RegionCompression
+from .contents import MissingFieldError
 from .extractor import FeatureExtractor
 from .index_store import IndexReader
+from .index_weights import adopt_index_weights
 from .indexing import build_index
 from .learned import load_or_learn_region_pca, load_or_learn_whitening
 from .normalization import PCAWhitening
@@ -73,9 +75,14 @@ def prepare_index(
     ``paths.work_dir``, beside the index they go with, so that runs sharing an index share them.
     Must run on every rank (indexing is shared between ranks).
 
+    When the config names no weights file, the weights an existing index in
+    ``paths.index_dir`` was built with are loaded first (see :mod:`.index_weights`).
+
     Returns:
         (index, whitening or None)
     """
+    # first: the region compression and the whitening are keyed by the weights' hash
+    adopt_index_weights(extractor, paths.index_dir)
     compression = region_compression(cfg, extractor, dataset, paths.work_dir)
     index = build_index(cfg, extractor, dataset, paths.index_dir, compression=compression)
     whitening = load_or_learn_whitening(
@@ -91,7 +98,12 @@ def prepare_index(
 
 def available_stages(searcher: IndexSearcher, stages: Sequence[str], num_query_classes: int):
     """The requested stages that apply: CS-SR only when the stored class scores are the query
-    objects' classes (a model fine-tuned on them)."""
+    objects' classes (a model fine-tuned on them).
+
+    Raises:
+        MissingFieldError: another requested stage needs a field the index does not store (the
+            message names the key to set).
+    """
     cs_ok = searcher.num_classes == num_query_classes
     skipped = [s for s in stages if s in CS_STAGES and not cs_ok]
     if skipped:
@@ -99,6 +111,10 @@ def available_stages(searcher: IndexSearcher, stages: Sequence[str], num_query_c
             f"skipping {skipped}: the index's class scores have {searcher.num_classes} classes, "
             f"not the {num_query_classes} query objects (CS-SR needs a fine-tuned model)"
         )
+    for s in stages:
+        problem = None if s in skipped else searcher.unsupported(s)
+        if problem:
+            raise MissingFieldError(f"index {searcher.index.root}: {problem}")
     return [s for s in stages if s not in skipped]
 
 

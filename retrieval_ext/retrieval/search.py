@@ -30,6 +30,7 @@ import numpy as np
 from detectron2.config import configurable
 
 from .compression import RegionCompression, load_region_compression
+from .contents import IndexContents, MissingFieldError, class_accessors
 from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
@@ -180,6 +181,10 @@ class IndexSearcher:
         self.top_n = int(top_n)
         self.qe_m = int(qe_m)
         self.qe_rerank_mode = qe_rerank_mode
+        self.contents = IndexContents.of_index(index)
+        problem = self.contents.missing("filtering", filter_pooling, rerank_pooling)
+        if problem:
+            raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
@@ -196,13 +201,16 @@ class IndexSearcher:
         if region_compression == "auto":
             region_compression = load_region_compression(root) if root is not None else None
         self.region_compression: Optional[RegionCompression] = region_compression
-        self._rpa = index.region_accessor(f"rpa_{rerank_pooling}")
-        self._boxes = index.region_accessor("boxes")
-        self._scores = index.region_accessor("scores")
-        fields = set(index.schema.names)
-        self._class_boxes = (
-            index.region_accessor("class_boxes") if "class_boxes" in fields else None
+        c = self.contents
+        self._rpa = (
+            index.region_accessor(f"rpa_{rerank_pooling}")
+            if rerank_pooling in c.region_poolings
+            else None
         )
+        self._boxes = index.region_accessor("boxes")
+        self._scores = self._class_boxes = None
+        if c.class_outputs:
+            self._scores, self._class_boxes = class_accessors(index, c)
         self._lock = threading.Lock()
         self._num_classes = None
 
@@ -232,9 +240,28 @@ class IndexSearcher:
             "filter_top_k": r.FILTER_TOP_K,
         }
 
+    def unsupported(self, stage: str) -> Optional[str]:
+        """Why ``stage`` cannot run on this index (the field it lacks and the key to set), or
+        None when it can."""
+        for s in stage_chain(stage):
+            problem = self.contents.missing(s, self.filter_pooling, self.rerank_pooling)
+            if problem:
+                return problem
+        return None
+
+    @property
+    def supported_stages(self) -> Tuple[str, ...]:
+        """The stages this index has the stored fields for."""
+        return tuple(s for s in STAGES if self.unsupported(s) is None)
+
     @property
     def num_classes(self) -> Optional[int]:
-        """Object classes of the stored class scores (without background); None if no proposal."""
+        """Object classes of the stored class scores (without background); None if the index
+        stores none (or, for an index without recorded contents, has no proposal)."""
+        if self._scores is None:
+            return None
+        if self.contents.num_classes:
+            return self.contents.num_classes
         with self._lock:
             if self._num_classes is None:
                 for i in range(self.index.num_images):
@@ -279,6 +306,10 @@ class IndexSearcher:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+        for s in stages:
+            problem = self.unsupported(s)
+            if problem:
+                raise MissingFieldError(f"index {getattr(self.index, 'root', '')}: {problem}")
         if any(s in CS_STAGES for s in stages):
             k = self.num_classes
             if class_id is None or k is None or not 0 <= int(class_id) < k:
