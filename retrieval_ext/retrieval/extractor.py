@@ -279,20 +279,32 @@ class FeatureExtractor:
         finally:
             self.model.train(was_training)
 
-    def database_records(self, dataset_dicts: Sequence[dict]):
+    def database_records(self, dataset_dicts: Sequence[dict], batch_size: int = 0):
         """Records of database images.
 
+        Images are batched only with images of the same network-input size, at most
+        ``batch_size`` at a time (0 = all of them together): a batch pads its images to the
+        largest, and padding changes the features near the edges (a deep network's receptive
+        field spans the whole image), so records do not depend on which images share a batch.
+
         Returns:
-            (records, failed): ``records`` a list of (image_id, record) pairs, ``failed`` a list
-            of (image_id, reason) pairs for images that could not be read.
+            (records, failed): ``records`` a list of (image_id, record) pairs in input order,
+            ``failed`` a list of (image_id, reason) pairs for images that could not be read.
         """
         inputs, failed = self.load_inputs(dataset_dicts)
-        records = []
-        if inputs:
-            outputs = self.run([x for _, x in inputs], self.contents.class_outputs)
-            for (d, x), out in zip(inputs, outputs):
-                rec = outputs_to_record(out, x["height"], x["width"], self.contents)
-                records.append((d["image_id"], rec))
+        groups: Dict[tuple, List[int]] = {}
+        for j, (_, x) in enumerate(inputs):
+            groups.setdefault(tuple(x["image"].shape), []).append(j)
+        step = int(batch_size) or max(len(inputs), 1)
+        records = [None] * len(inputs)
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                part = members[start : start + step]
+                outputs = self.run([inputs[j][1] for j in part], self.contents.class_outputs)
+                for j, out in zip(part, outputs):
+                    d, x = inputs[j]
+                    rec = outputs_to_record(out, x["height"], x["width"], self.contents)
+                    records[j] = (d["image_id"], rec)
         return records, [(d["image_id"], reason) for d, reason in failed]
 
     def _warn_small_query_box(self, x: dict, where: str):

@@ -215,11 +215,13 @@ def _extract(
     bar: tqdm,
     failed: List[Tuple[str, str]],
 ):
-    """One forward pass per image of ``todo``, in batches; records go to ``writer``."""
+    """One forward pass per image of ``todo``, in batches of images of one input size (read a
+    few batches ahead to fill them); records go to ``writer``."""
     schema = index_schema(extractor.contents)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        records, bad = extractor.database_records(chunk)
+    window = batch_size if batch_size <= 1 else 4 * batch_size
+    for start in range(0, len(todo), window):
+        chunk = todo[start : start + window]
+        records, bad = extractor.database_records(chunk, batch_size)
         for image_id, rec in records:
             if compression is not None:
                 rec = compression.compress_record(rec, schema)
