@@ -84,9 +84,10 @@ def test_the_api_and_the_ui_search_the_cli_index_in_fresh_processes(built):
         """
     api_hits = json.loads(_python(api, env, built["tmp"]).splitlines()[-1])
     # the UI service as tools/serve.py builds it, with another seed for its fresh layers
+    serve_py = str(REPO_ROOT / "tools/serve.py")
     ui = f"""
         import json, importlib.util
-        spec = importlib.util.spec_from_file_location("serve", {str(REPO_ROOT / "tools/serve.py")!r})
+        spec = importlib.util.spec_from_file_location("serve", {serve_py!r})
         serve = importlib.util.module_from_spec(spec); spec.loader.exec_module(serve)
         args = serve.get_parser().parse_args(
             ["--config-file", {str(out / "config.yaml")!r}, "SEED", "123"])
