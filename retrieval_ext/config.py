@@ -267,3 +267,20 @@ def add_retrieval_config(cfg):
     # Also store each proposal's objectness logit (no stage reads it; proposals are stored best
     # first).
     _C.RETRIEVAL.STORE.OBJECTNESS = False
+
+    # ------------------------------------------------------------ product-quantised region codes
+    # REGION_DTYPE "pq": each region vector is stored as M one-byte codes of a product quantiser
+    # (retrieval/product_quantization.py) learned on region vectors, saved beside the index and
+    # recorded in its manifest; CA-SR and region QE score the codes by table look-ups.
+    _C.RETRIEVAL.REGION_PQ = CN()
+    # Sub-quantisers = bytes per region vector; must divide the vector dimension (1280 for
+    # EfficientNet-Lite0's conv_head).
+    _C.RETRIEVAL.REGION_PQ.M = 64
+    # Also learn an OPQ rotation (faiss OPQMatrix) applied before quantising; stored beside the
+    # index (D x D float16).
+    _C.RETRIEVAL.REGION_PQ.OPQ = False
+    # Dataset whose database region vectors the quantiser is learned on; "" = a sample of the
+    # collection being indexed (what faiss users do): SAMPLE_IMAGES of its images, evenly spread,
+    # are indexed once more (uncompressed, beside the index) to learn it.
+    _C.RETRIEVAL.REGION_PQ.DATASET = ""
+    _C.RETRIEVAL.REGION_PQ.SAMPLE_IMAGES = 256

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 from detectron2.config import configurable
 from detectron2.utils import comm
 from tqdm import tqdm
@@ -255,6 +256,7 @@ def build_index(
     batch_size: int = 1,
     show_progress: bool = True,
     compression: Optional[RegionCompression] = None,
+    sample_images: int = 0,
 ) -> IndexReader:
     """Extract every image of ``<dataset>_db`` once and store its features in ``index_dir``.
 
@@ -270,6 +272,9 @@ def build_index(
     torch.distributed each rank extracts the pending images at its positions of the database
     (``i % world_size == rank``) into its own shards and rank 0 finalizes after all ranks are
     done.
+
+    With ``sample_images`` > 0, only that many images, evenly spread over the database, are
+    indexed (a sample to learn a transform on).
 
     Unreadable images are skipped and listed in the manifest's ``failed`` ({name: reason}):
     those the dataset loader already left out (empty files, non-images, named in its warning)
@@ -287,7 +292,12 @@ def build_index(
     """
     db_name = f"{dataset}_db"
     dicts = get_dataset_dicts(db_name)
-    image_list, pre_skipped = _image_list(dataset, dicts)
+    if sample_images and len(dicts) > sample_images:
+        picks = sorted({round(x) for x in np.linspace(0, len(dicts) - 1, int(sample_images))})
+        dicts = [dicts[i] for i in picks]
+        image_list, pre_skipped = [d["image_id"] for d in dicts], {}
+    else:
+        image_list, pre_skipped = _image_list(dataset, dicts)
     manifest = index_manifest(extractor, dataset)
     if compression is not None:
         manifest = dict(manifest, region_compression=compression.describe())

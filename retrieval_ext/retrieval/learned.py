@@ -4,7 +4,7 @@ The paper learns its whitening on Paris for Oxford and vice versa, so that nothi
 from the test set. :func:`load_or_learn` is that procedure once, for any transform: index the
 other dataset (once, under the work dir), learn the transform on its index on the main process,
 save it keyed by the model's weights hash, and load it on every rank. The whitening and the
-region PCA are its users.
+region PCA and the region product quantiser are its users.
 """
 
 import logging
@@ -21,7 +21,12 @@ from .index_store import IndexReader
 from .indexing import build_index
 from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 
-__all__ = ["load_or_learn", "load_or_learn_region_pca", "load_or_learn_whitening"]
+__all__ = [
+    "load_or_learn",
+    "load_or_learn_region_pca",
+    "load_or_learn_region_pq",
+    "load_or_learn_whitening",
+]
 
 logger = logging.getLogger("retrieval_ext")
 T = TypeVar("T")
@@ -35,6 +40,7 @@ def load_or_learn(
     variant: str,
     learn: Callable[[IndexReader], T],
     load: Callable[[Path], T],
+    sample_images: int = 0,
     **index_kwargs,
 ) -> T:
     """A transform learned on ``dataset``'s database features, saved and reused.
@@ -46,12 +52,14 @@ def load_or_learn(
     Args:
         extractor: the model whose features the transform applies to.
         dataset: the dataset learned on; its database is indexed (once) into
-            ``work_dir/index-<dataset>``.
+            ``work_dir/index-<dataset>`` (``index-<dataset>-sample<n>`` with ``sample_images``).
         work_dir: where the file and that index live.
         kind: what is learned, e.g. ``"whitening"``.
         variant: the transform's settings, e.g. ``"d128"``.
         learn: the index -> the transform (an object with ``save(path)``); main process only.
         load: a saved file -> the transform.
+        sample_images: > 0: index and learn on that many of the dataset's images only, evenly
+            spread over it (see :func:`~.indexing.build_index`).
         index_kwargs: :func:`~.indexing.build_index`'s options (e.g. ``show_progress=False``), or
             ``cfg=cfg`` to take them from ``cfg.RETRIEVAL``.
 
@@ -64,10 +72,12 @@ def load_or_learn(
     key = extractor.fingerprint["weights_hash"]
     path = Path(work_dir) / f"{kind}-{dataset}-{key}-{variant}.npz"
     if not path.is_file():
+        folder = f"index-{dataset}" + (f"-sample{sample_images}" if sample_images else "")
         index = build_index(
             extractor=extractor,
             dataset=dataset,
-            index_dir=str(Path(work_dir) / f"index-{dataset}"),
+            index_dir=str(Path(work_dir) / folder),
+            sample_images=sample_images,
             **index_kwargs,
         )
         if comm.is_main_process():
@@ -152,13 +162,7 @@ def load_or_learn_region_pca(
     """
 
     def learn(index: IndexReader) -> RegionCompression:
-        stored = [f for f in ("rpa_sum", "rpa_max") if f in index.schema]
-        vecs = [
-            np.asarray(index.regions(i)[f], dtype=np.float32)
-            for i in range(index.num_images)
-            for f in stored
-        ]
-        learned = RegionCompression.learn(np.concatenate(vecs), num_proposals, dim, dtype)
+        learned = RegionCompression.learn(_region_vectors(index), num_proposals, dim, dtype)
         logger.info(f"learned the region PCA ({dim} dims) on {dataset}")
         return learned
 
@@ -175,3 +179,65 @@ def load_or_learn_region_pca(
     return RegionCompression(
         num_proposals, dim, dtype, mean=learned.mean, components=learned.components
     )
+
+
+def _region_vectors(index: IndexReader) -> np.ndarray:
+    """Every stored region vector of ``index`` (the stored poolings together), float32."""
+    stored = [f for f in ("rpa_sum", "rpa_max") if f in index.schema]
+    return np.concatenate(
+        [
+            np.asarray(index.regions(i)[f], dtype=np.float32)
+            for i in range(index.num_images)
+            for f in stored
+        ]
+    )
+
+
+def load_or_learn_region_pq(
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    m: int,
+    opq: bool = False,
+    num_proposals: int = 0,
+    sample_images: int = 0,
+    **index_kwargs,
+) -> RegionCompression:
+    """A region compression to product-quantised codes (``dtype`` "pq") whose quantiser is
+    learned on ``dataset``'s database region vectors, saved and reused.
+
+    Args:
+        dataset: the collection itself, indexed on a sample of ``sample_images`` images (as
+            faiss users learn on a sample of what they index), or another dataset (0 = all of
+            its images).
+        m, opq: bytes per code and whether an OPQ rotation is learned (see
+            :func:`~.product_quantization.learn_region_pq`).
+        num_proposals: proposals kept per image (see :class:`RegionCompression`).
+        index_kwargs: see :func:`load_or_learn`.
+    """
+
+    def learn(index: IndexReader) -> RegionCompression:
+        vecs = _region_vectors(index)
+        what = "sampled images" if sample_images else "images"
+        trained_on = f"{len(vecs)} region vectors of {index.num_images} {what} of {dataset}"
+        if len(vecs) < 39 * 256:  # faiss' minimum for a well-posed k-means of 256 centroids
+            logger.warning(f"learning the region quantiser on only {len(vecs)} vectors")
+        learned = RegionCompression.learn(
+            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on
+        )
+        logger.info(f"learned the region product quantiser ({m} bytes) on {trained_on}")
+        return learned
+
+    variant = f"m{m}" + ("-opq" if opq else "") + (f"-s{sample_images}" if sample_images else "")
+    learned = load_or_learn(
+        extractor,
+        dataset,
+        work_dir,
+        "region-pq",
+        variant,
+        learn,
+        RegionCompression.load,
+        sample_images=sample_images,
+        **index_kwargs,
+    )
+    return RegionCompression(num_proposals, 0, "pq", pq=learned.pq)

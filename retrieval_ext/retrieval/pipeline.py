@@ -20,7 +20,7 @@ from .extractor import FeatureExtractor
 from .index_store import IndexReader
 from .index_weights import adopt_index_weights
 from .indexing import build_index
-from .learned import load_or_learn_region_pca, load_or_learn_whitening
+from .learned import load_or_learn_region_pca, load_or_learn_region_pq, load_or_learn_whitening
 from .normalization import PCAWhitening
 from .paths import IndexPaths
 from .queries import extract_queries
@@ -44,7 +44,8 @@ def region_compression(
     """The region compression of ``cfg.RETRIEVAL.REGION_*``; None when nothing is compressed.
 
     With ``REGION_PCA_DIM`` the PCA is learned on ``REGION_PCA_DATASET`` (default: the whitening
-    dataset), see :func:`~.learned.load_or_learn_region_pca`.
+    dataset), see :func:`~.learned.load_or_learn_region_pca`; with ``REGION_DTYPE`` "pq" the
+    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`).
 
     Raises:
         ValueError: PCA asked without a dataset to learn it on, or on the searched ``dataset``.
@@ -53,6 +54,8 @@ def region_compression(
     dtype = r.REGION_DTYPE or r.INDEX_DTYPE
     if not r.REGION_NUM_PROPOSALS and not r.REGION_PCA_DIM and not r.REGION_DTYPE:
         return None
+    if dtype == "pq":
+        return _region_pq(cfg, extractor, dataset, work_dir)
     if not r.REGION_PCA_DIM:
         return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype)
     source = r.REGION_PCA_DATASET or r.WHITENING_DATASET
@@ -63,6 +66,28 @@ def region_compression(
         )
     return load_or_learn_region_pca(
         extractor, source, work_dir, r.REGION_PCA_DIM, r.REGION_NUM_PROPOSALS, dtype, cfg=cfg
+    )
+
+
+def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
+    """The product-quantised region compression of ``RETRIEVAL.REGION_PQ``: learned on a sample
+    of ``dataset`` itself, or on ``REGION_PQ.DATASET``."""
+    r = cfg.RETRIEVAL
+    if r.REGION_PCA_DIM:
+        raise ValueError(
+            "RETRIEVAL.REGION_DTYPE 'pq' quantises the full region vectors: set "
+            "RETRIEVAL.REGION_PCA_DIM 0 (or another REGION_DTYPE to store PCA-projected vectors)"
+        )
+    source = r.REGION_PQ.DATASET or dataset
+    return load_or_learn_region_pq(
+        extractor,
+        source,
+        work_dir,
+        r.REGION_PQ.M,
+        r.REGION_PQ.OPQ,
+        r.REGION_NUM_PROPOSALS,
+        sample_images=r.REGION_PQ.SAMPLE_IMAGES if source == dataset else 0,
+        cfg=cfg,
     )
 
 
@@ -107,9 +132,14 @@ def available_stages(searcher: IndexSearcher, stages: Sequence[str], num_query_c
     cs_ok = searcher.num_classes == num_query_classes
     skipped = [s for s in stages if s in CS_STAGES and not cs_ok]
     if skipped:
+        held = (
+            f"class scores of {searcher.num_classes} classes"
+            if searcher.num_classes is not None
+            else "no class scores"
+        )
         logger.info(
-            f"skipping {skipped}: the index's class scores have {searcher.num_classes} classes, "
-            f"not the {num_query_classes} query objects (CS-SR needs a fine-tuned model)"
+            f"skipping {skipped}: the index stores {held}, not of the {num_query_classes} query "
+            "objects (CS-SR needs a model fine-tuned on them)"
         )
     for s in stages:
         problem = None if s in skipped else searcher.unsupported(s)

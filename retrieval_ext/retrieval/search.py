@@ -346,11 +346,27 @@ class IndexSearcher:
         return average_query_expansion(qv, self.db, order, m)
 
     def _ca(self, region, order, scores, n):
-        # compressed float vectors are stored unit-norm; int8 codes are scaled per vector
-        unit = self.region_compression is not None and self.region_compression.dtype != "int8"
+        # compressed float vectors are stored unit-norm; int8 codes are scaled per vector;
+        # product-quantised codes are scored from their codes (similarity)
+        comp = self.region_compression
+        unit = comp is not None and comp.dtype not in ("int8", "pq")
+        similarity = comp.similarity() if comp is not None else None
         return class_agnostic_rerank(
-            region, order, scores, self._rpa, self._boxes, n, normalized=unit
+            region, order, scores, self._rpa, self._boxes, n, unit, similarity=similarity
         )
+
+    def _best_regions(self, ca, m):
+        """The stored region vectors of the best proposals of the CA-SR top ``m`` (region QE);
+        product-quantised codes are decoded, those rows only."""
+        comp = self.region_compression
+        if comp is None or comp.pq is None:
+            return gather_best_region_vectors(ca, self._rpa, m)
+        rows = [
+            self._rpa(int(i))[int(b)]
+            for i, b in zip(ca.order[: min(m, ca.top_n)], ca.best_proposal[: min(m, ca.top_n)])
+            if b >= 0
+        ]
+        return l2_normalize(comp.decode(np.stack(rows))) if rows else np.zeros((0, 0), np.float32)
 
     def _cs(self, class_id, order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
@@ -380,7 +396,7 @@ class IndexSearcher:
         t = time.perf_counter()
         region = self.query_region_vector(q.record)
         if self.qe_rerank_mode == "region":
-            best = gather_best_region_vectors(ca, self._rpa, q.qe_m)
+            best = self._best_regions(ca, q.qe_m)
             expanded = region_query_expansion(region, best) if len(best) else region
             r = self._ca(expanded, base.order, base.scores, q.top_n)
         else:

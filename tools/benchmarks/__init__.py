@@ -8,6 +8,7 @@ One module per experiment:
     benchmark.py scale       [--max-db 1000000] [--max-hnsw 10000] [--approx-1m]
     benchmark.py compression [--num-db 100] [--pca-db 40]
     benchmark.py limits      [--gemm 2048] [--copy-mb 512] [--search-db 100000]
+    benchmark.py index-cost  [--smvs PATH] [--pq 32 64 ...] [--default-pq 64] [--parts ...]
 
 Each subcommand prints the machine, a table (GitHub markdown) and writes ``<name>.json`` under
 ``--output-dir`` (default ``output/benchmark``); ``--quick`` shrinks every size to a smoke run.
@@ -19,9 +20,9 @@ runs made together.
 
 import argparse
 
-from . import compression, extraction, limits, rerank, scale, search
+from . import compression, extraction, index_cost, limits, rerank, scale, search
 
-EXPERIMENTS = (extraction, rerank, search, scale, compression, limits)
+EXPERIMENTS = (extraction, rerank, search, scale, compression, limits, index_cost)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,9 +200,10 @@ def build_model(cfg, seed: int = 0):
 
     torch.manual_seed(seed)
     model = build_detectron2_model(cfg)
-    head = model.proposal_generator.rpn_head
-    torch.nn.init.zeros_(head.anchor_deltas.weight)
-    torch.nn.init.zeros_(head.anchor_deltas.bias)
+    head = getattr(model.proposal_generator, "rpn_head", None)  # DenseRegionProposals: none
+    if head is not None:
+        torch.nn.init.zeros_(head.anchor_deltas.weight)
+        torch.nn.init.zeros_(head.anchor_deltas.bias)
     return model.eval()
 
 
