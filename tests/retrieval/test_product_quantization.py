@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from retrieval_ext.data.datasets.catalog import get_dataset_dicts
 from retrieval_ext.retrieval.compression import RegionCompression, compress_index
 from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
 from retrieval_ext.retrieval.product_quantization import KSUB, RegionPQ, learn_region_pq
@@ -103,3 +104,41 @@ def test_pq_round_trips_through_its_file(tmp_path):
     assert back.describe()["pq"]["trained_on"] == "600 region vectors"
     x = _unit(rng, 10, 16)
     assert np.array_equal(back.encode(x), comp.encode(x))
+
+
+def test_indexing_learns_the_quantiser_on_a_sample_of_the_collection(tmp_path):
+    """REGION_DTYPE pq: a sample of the collection is indexed once more (uncompressed, beside
+    the index), the quantiser learned on it is saved in the index and named in its manifest,
+    and the stored codes are those of the collection's own region vectors."""
+    from retrieval_ext.data import register_custom_dataset
+    from retrieval_ext.data.datasets import unregister_retrieval_dataset
+    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
+    from retrieval_ext.retrieval.compression import load_region_compression
+    from retrieval_ext.retrieval.extractor import FeatureExtractor
+    from retrieval_ext.retrieval.paths import index_paths
+    from retrieval_ext.retrieval.pipeline import prepare_index
+    from tests.common import tiny_cfg
+
+    generate_synthetic_benchmark(
+        str(tmp_path / "d"), num_instances=2, queries_per_instance=1, num_db=24, short_side=96
+    )
+    register_custom_dataset("pq_syn", str(tmp_path / "d"))
+    try:
+        opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "DenseRegionProposals"]
+        opts += ["RETRIEVAL.DATASET", "pq_syn", "OUTPUT_DIR", str(tmp_path / "out")]
+        opts += ["RETRIEVAL.REGION_DTYPE", "pq", "RETRIEVAL.REGION_PQ.M", "8"]
+        opts += ["RETRIEVAL.REGION_PQ.SAMPLE_IMAGES", "20"]
+        cfg = tiny_cfg("ZF", opts)
+        ex = FeatureExtractor(cfg)
+        index, _ = prepare_index(cfg, ex, "pq_syn", index_paths(cfg))
+        sample = tmp_path / "out" / "index-pq_syn-sample20"
+        assert IndexReader(sample).num_images == 20 and index.num_images == 24
+        comp = load_region_compression(index.root)
+        described = index.manifest["region_compression"]["pq"]
+        assert described == comp.pq.describe() and described["m"] == 8
+        assert "20 sampled images of pq_syn" in described["trained_on"]
+        # the codes are the quantiser's codes of this image's region vectors (extracted again)
+        (rec,) = ex.database_records(get_dataset_dicts("pq_syn_db")[:1])[0]
+        assert np.array_equal(index.regions(0)["rpa_max"], comp.encode(rec[1]["rpa_max"]))
+    finally:
+        unregister_retrieval_dataset("pq_syn")
