@@ -284,3 +284,6 @@ def add_retrieval_config(cfg):
     # are indexed once more (uncompressed, beside the index) to learn it.
     _C.RETRIEVAL.REGION_PQ.DATASET = ""
     _C.RETRIEVAL.REGION_PQ.SAMPLE_IMAGES = 256
+    # Fewest region vectors a quantiser is learned on (faiss asks for 39 per centroid: 39 x 256);
+    # a collection that cannot give them (images x NUM_PROPOSALS) stores int8 vectors instead.
+    _C.RETRIEVAL.REGION_PQ.MIN_VECTORS = 9984

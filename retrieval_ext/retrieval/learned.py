@@ -201,6 +201,7 @@ def load_or_learn_region_pq(
     opq: bool = False,
     num_proposals: int = 0,
     sample_images: int = 0,
+    min_vectors: int = 39 * 256,
     **index_kwargs,
 ) -> RegionCompression:
     """A region compression to product-quantised codes (``dtype`` "pq") whose quantiser is
@@ -213,6 +214,8 @@ def load_or_learn_region_pq(
         m, opq: bytes per code and whether an OPQ rotation is learned (see
             :func:`~.product_quantization.learn_region_pq`).
         num_proposals: proposals kept per image (see :class:`RegionCompression`).
+        min_vectors: fewer region vectors than this learn no quantiser: the compression is
+            int8 then (a warning says so).
         index_kwargs: see :func:`load_or_learn`.
     """
 
@@ -220,8 +223,12 @@ def load_or_learn_region_pq(
         vecs = _region_vectors(index)
         what = "sampled images" if sample_images else "images"
         trained_on = f"{len(vecs)} region vectors of {index.num_images} {what} of {dataset}"
-        if len(vecs) < 39 * 256:  # faiss' minimum for a well-posed k-means of 256 centroids
-            logger.warning(f"learning the region quantiser on only {len(vecs)} vectors")
+        if len(vecs) < max(int(min_vectors), 256):
+            logger.warning(
+                f"{trained_on} are too few to learn a product quantiser (RETRIEVAL.REGION_PQ."
+                f"MIN_VECTORS {min_vectors}): region vectors are stored int8 instead"
+            )
+            return RegionCompression(num_proposals, 0, "int8")
         learned = RegionCompression.learn(
             vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on
         )
@@ -229,6 +236,7 @@ def load_or_learn_region_pq(
         return learned
 
     variant = f"m{m}" + ("-opq" if opq else "") + (f"-s{sample_images}" if sample_images else "")
+    variant += f"-min{min_vectors}"
     learned = load_or_learn(
         extractor,
         dataset,
@@ -240,4 +248,6 @@ def load_or_learn_region_pq(
         sample_images=sample_images,
         **index_kwargs,
     )
+    if learned.pq is None:  # too few vectors: int8
+        return RegionCompression(num_proposals, 0, learned.dtype)
     return RegionCompression(num_proposals, 0, "pq", pq=learned.pq)

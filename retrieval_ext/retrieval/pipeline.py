@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from ..data.datasets.catalog import get_retrieval_metadata
+from ..data.datasets.catalog import get_dataset_dicts, get_retrieval_metadata
 from .compression import RegionCompression
 from .contents import MissingFieldError
 from .extractor import FeatureExtractor
@@ -79,6 +79,15 @@ def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
             "RETRIEVAL.REGION_PCA_DIM 0 (or another REGION_DTYPE to store PCA-projected vectors)"
         )
     source = r.REGION_PQ.DATASET or dataset
+    own = source == dataset
+    sample = r.REGION_PQ.SAMPLE_IMAGES if own else 0
+    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
+    if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < r.REGION_PQ.MIN_VECTORS:
+        logger.warning(
+            f"{source} cannot give RETRIEVAL.REGION_PQ.MIN_VECTORS ({r.REGION_PQ.MIN_VECTORS}) "
+            "region vectors to learn a product quantiser on: region vectors are stored int8"
+        )
+        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
     return load_or_learn_region_pq(
         extractor,
         source,
@@ -86,7 +95,8 @@ def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
         r.REGION_PQ.M,
         r.REGION_PQ.OPQ,
         r.REGION_NUM_PROPOSALS,
-        sample_images=r.REGION_PQ.SAMPLE_IMAGES if source == dataset else 0,
+        sample_images=sample,
+        min_vectors=r.REGION_PQ.MIN_VECTORS,
         cfg=cfg,
     )
 

@@ -128,7 +128,12 @@ def test_indexing_learns_the_quantiser_on_a_sample_of_the_collection(tmp_path):
         opts += ["RETRIEVAL.DATASET", "pq_syn", "OUTPUT_DIR", str(tmp_path / "out")]
         opts += ["RETRIEVAL.REGION_DTYPE", "pq", "RETRIEVAL.REGION_PQ.M", "8"]
         opts += ["RETRIEVAL.REGION_PQ.SAMPLE_IMAGES", "20"]
-        cfg = tiny_cfg("ZF", opts)
+        # 24 images x 16 proposals cannot give faiss' 9984 vectors: int8, and no sample pass
+        few = tiny_cfg("ZF", opts + ["OUTPUT_DIR", str(tmp_path / "few")])
+        index, _ = prepare_index(few, FeatureExtractor(few), "pq_syn", index_paths(few))
+        assert index.manifest["region_compression"]["dtype"] == "int8"
+        assert not (tmp_path / "few" / "index-pq_syn-sample20").exists()
+        cfg = tiny_cfg("ZF", opts + ["RETRIEVAL.REGION_PQ.MIN_VECTORS", "256"])
         ex = FeatureExtractor(cfg)
         index, _ = prepare_index(cfg, ex, "pq_syn", index_paths(cfg))
         sample = tmp_path / "out" / "index-pq_syn-sample20"
