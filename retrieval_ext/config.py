@@ -233,6 +233,11 @@ def add_retrieval_config(cfg):
     # the unexpanded ranking. 0 = plain average QE of the top M (the paper). Plain QE loses 45
     # CA-SR mAP points on SMVS validation (one relevant photo per query, M = 5), the gate 0.03.
     _C.RETRIEVAL.QE_GATE_Z = 4.0
+    # Box that locates the object for the CS-SR stages (ranking unchanged): "class" (the paper:
+    # the proposal with the highest probability of the query's class, class-regressed if stored)
+    # or "region" (the image's CA-SR located box: the proposals most similar to the query region,
+    # voted with BOX_VOTE_DELTA). Fine-tuned ft2 on SMVS validation: IoU 0.32 -> 0.62.
+    _C.RETRIEVAL.CS_SR_BOX = "class"
 
     # ---------------------------------------------------------------- search at scale
     # Filtering back-end: "faiss" (faiss-cpu / faiss GPU where installed) or "numpy" (ranking.py).

@@ -160,6 +160,11 @@ class IndexSearcher:
             results whose robust z-score within the ranked top N reaches it
             (:func:`~retrieval_ext.retrieval.query_expansion.outlier_gate`, see
             :meth:`_gated_top`); when none does, the stage gives the unexpanded ranking.
+        cs_sr_box: the box CS-SR (and CS-SR + QE) locate the object with in each reranked image:
+            "class" (the paper): the proposal with the highest probability of the query's class
+            (its class-regressed box when stored); "region": the image's CA-SR located box (the
+            proposals most similar to the query region, voted with ``box_vote_delta``). The
+            ranking is the same.
     """
 
     @configurable
@@ -180,6 +185,7 @@ class IndexSearcher:
         region_compression="auto",
         box_vote_delta: float = 0.0,
         qe_gate_z: float = 0.0,
+        cs_sr_box: str = "class",
     ):
         for name, value, allowed in [
             ("filter_pooling", filter_pooling, ("sum", "max")),
@@ -187,6 +193,7 @@ class IndexSearcher:
             ("query_region", query_region, ("crop", "rpa")),
             ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
             ("filter_backend", filter_backend, ("numpy", "faiss")),
+            ("cs_sr_box", cs_sr_box, ("class", "region")),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -203,6 +210,7 @@ class IndexSearcher:
         self.qe_rerank_mode = qe_rerank_mode
         self.box_vote_delta = float(box_vote_delta)
         self.qe_gate_z = float(qe_gate_z)
+        self.cs_sr_box = cs_sr_box
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
@@ -233,7 +241,7 @@ class IndexSearcher:
     def from_config(cls, cfg, index, whitening: Optional[PCAWhitening] = None):
         """The arguments of a searcher of ``index`` with the stage settings of ``cfg.RETRIEVAL``
         (``FILTER_*``, ``RERANK_POOLING``, ``QUERY_REGION``, ``TOP_N``, ``QE_*``, ``FAISS_*``,
-        ``BOX_VOTE_DELTA``)."""
+        ``BOX_VOTE_DELTA``, ``CS_SR_BOX``)."""
         r = cfg.RETRIEVAL
         return {
             "index": index,
@@ -256,6 +264,7 @@ class IndexSearcher:
             "filter_top_k": r.FILTER_TOP_K,
             "box_vote_delta": r.BOX_VOTE_DELTA,
             "qe_gate_z": r.QE_GATE_Z,
+            "cs_sr_box": r.CS_SR_BOX,
         }
 
     @property
@@ -354,9 +363,23 @@ class IndexSearcher:
             box_vote_delta=self.box_vote_delta,
         )
 
-    def _cs(self, class_id, order, scores, n):
+    def _cs(self, q: "_Query", order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
-        return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, n)
+        r = class_specific_rerank(int(q.class_id), order, scores, self._scores, boxes, n)
+        if self.cs_sr_box == "region" and r.top_n:
+            r = self._located_by_region(q, r)
+        return r
+
+    def _located_by_region(self, q: "_Query", r):
+        """``r`` (a CS-SR result) with each reranked image's box replaced by its CA-SR located
+        box: the proposals most similar to the query region (with box voting)."""
+        n = r.top_n
+        ca = self._ca(self.query_region_vector(q.record), r.order[:n], r.scores[:n], n)
+        by_image = {int(i): b for i, b in zip(ca.order, ca.boxes)}
+        boxes = r.boxes.copy()
+        for j in np.flatnonzero(r.best_proposal[:n] >= 0):
+            boxes[j] = by_image[int(r.order[j])]
+        return replace(r, boxes=boxes)
 
     # -- stages: each reads the results of its STAGE_INPUTS from ``done`` ------------------------
     def _filtering(self, q: _Query, done) -> StageResult:
@@ -411,7 +434,7 @@ class IndexSearcher:
     def _cs_sr(self, q: _Query, done) -> StageResult:
         base = done["filtering"]
         t = time.perf_counter()
-        r = self._cs(q.class_id, base.order, base.scores, q.top_n)
+        r = self._cs(q, base.order, base.scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
 
     def _cs_sr_qe(self, q: _Query, done) -> StageResult:
@@ -423,7 +446,7 @@ class IndexSearcher:
             if top.size == 0:  # nothing stands out: the CS-SR ranking
                 return replace(cs, seconds=time.perf_counter() - t)
         order, scores = self._filter(self._global_qe(self.query_vector(q.record), top, q.qe_m))
-        r = self._cs(q.class_id, order, scores, q.top_n)
+        r = self._cs(q, order, scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
 
     def _gated_top(self, order, scores, m, top_n, best_proposal=None) -> np.ndarray:

@@ -116,7 +116,8 @@ def gated(request, tmp_path_factory):
     with IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()) as w:
         for i, image_id in enumerate(ids):
             rpa = np.stack([_with_cosine(rng, cos[i] - 0.2), _with_cosine(rng, cos[i])])
-            probs = np.array([[cos[i] / 4, 0.1, 1 - cos[i] / 4 - 0.1], [cos[i], 0.0, 1 - cos[i]]])
+            # the most probable proposal (class 0) is not the one most similar to the query
+            probs = np.array([[cos[i], 0.0, 1 - cos[i]], [cos[i] / 4, 0.1, 1 - cos[i] / 4 - 0.1]])
             rec = {
                 "ipa_sum": rng.random(DIM),
                 "ipa_max": _with_cosine(rng, cos[i]),
@@ -222,3 +223,33 @@ def test_gated_qe_stages_equal_their_written_out_form(gated):
         p = plain.search(query, ["filtering_qe", "ca_sr_qe", "cs_sr_qe"], class_id=0)
         for stage in ("filtering_qe", "ca_sr_qe"):
             assert not np.allclose(p[stage].scores, got[stage].scores), stage
+
+
+@pytest.mark.parametrize("delta", [0.0, 0.3])
+def test_cs_sr_region_box_is_the_query_region_vote(gated, delta):
+    """CS_SR_BOX "region": each CS-SR image is located by its proposals' similarity to the query
+    region (voted within delta), not by its most probable proposal; the ranking is the same."""
+    data = gated["data"]
+    e0 = np.eye(DIM)[0]
+    query = {"ipa_max": e0, "crop_max": e0}
+    kwargs = dict(filter_pooling="max", top_n=TOP_N, qe_m=QE_M, box_vote_delta=delta)
+    by_class = IndexSearcher(gated["index"], **kwargs).search(query, ["cs_sr"], class_id=0)
+    by_region = IndexSearcher(gated["index"], cs_sr_box="region", **kwargs).search(
+        query, ["cs_sr", "cs_sr_qe"], class_id=0
+    )
+    a, b = by_class["cs_sr"], by_region["cs_sr"]
+    assert a.order.tolist() == b.order.tolist()
+    np.testing.assert_array_equal(a.scores, b.scores)
+    for j, i in enumerate(b.order[:TOP_N]):
+        boxes = np.asarray(data[i]["boxes"], dtype=np.float64)
+        sims = _l2(data[i]["rpa_max"]) @ e0  # proposal 1 is the most similar (cos vs cos - 0.2)
+        voters = sims >= sims.max() - delta
+        w = np.clip(sims[voters], 0, None)
+        expected = (w[:, None] * boxes[voters]).sum(axis=0) / w.sum()
+        np.testing.assert_allclose(b.boxes[j], expected, rtol=1e-5)
+        np.testing.assert_allclose(a.boxes[j], boxes[0])  # "class": the most probable proposal
+    assert np.isnan(b.boxes[TOP_N:]).all()
+    qe = by_region["cs_sr_qe"]
+    for j, i in enumerate(qe.order[:TOP_N]):  # CS-SR + QE locates the same way
+        if delta == 0:
+            np.testing.assert_allclose(qe.boxes[j], data[i]["boxes"][1])
