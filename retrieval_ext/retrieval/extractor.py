@@ -202,6 +202,18 @@ class FeatureExtractor:
                 records.append((d["image_id"], rec))
         return records, [(d["image_id"], reason) for d, reason in failed]
 
+    @torch.no_grad()
+    def run_queries(self, model_inputs: List[dict]) -> List[dict]:
+        """The query outputs of inputs with ``query_boxes`` (the model's ``query_inference``: no
+        proposals, no box head), in eval mode."""
+        model = getattr(self.model, "module", self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            return model.query_inference(model_inputs)
+        finally:
+            model.train(was_training)
+
     def _warn_small_query_box(self, x: dict, where: str):
         """Warns when the query box of model input ``x`` is smaller than one IPA-map cell."""
         strides = getattr(getattr(self.model, "module", self.model), "ipa_strides", None)
@@ -236,7 +248,7 @@ class FeatureExtractor:
         self.mapper.augmentations(aug)
         x = _query_input(aug.image, image.shape[:2], box)
         self._warn_small_query_box(x, where)
-        return outputs_to_query(self.run([x])[0])
+        return outputs_to_query(self.run_queries([x])[0])
 
     def _multi_scale_query(self, image: np.ndarray, box, where: str) -> dict:
         """The query at every size of ``query_scales`` (see :mod:`.query_scales`), one forward
@@ -259,7 +271,7 @@ class FeatureExtractor:
             x = _query_input(resized, size, box)
             if i == largest:  # warned when even the largest size leaves the box below a cell
                 self._warn_small_query_box(x, where)
-            records.append(outputs_to_query(self.run([x])[0]))
+            records.append(outputs_to_query(self.run_queries([x])[0]))
         return combine_query_records(records)
 
     def query_record(self, dataset_dict: dict) -> dict:
@@ -275,7 +287,7 @@ class FeatureExtractor:
             return self._multi_scale_query(image, box, where)
         x = self.mapper(dict(dataset_dict))
         self._warn_small_query_box(x, where)
-        return outputs_to_query(self.run([x])[0])
+        return outputs_to_query(self.run_queries([x])[0])
 
 
 def _query_input(image: np.ndarray, original_size, box) -> dict:

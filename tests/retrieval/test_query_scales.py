@@ -133,7 +133,7 @@ def test_dataset_queries_and_their_cache_follow_the_scales(bench, tmp_path, monk
     def refuse(*args, **kwargs):
         raise AssertionError("extracted again instead of reading the cache")
 
-    monkeypatch.setattr(first, "run", refuse)
+    monkeypatch.setattr(first, "run_queries", refuse)
     again = extract_queries(first, "qs_bench", cache_dir=str(tmp_path))
     np.testing.assert_array_equal(again[1]["ipa_sum"], cached[1]["ipa_sum"])
     monkeypatch.undo()
