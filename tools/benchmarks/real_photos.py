@@ -148,7 +148,7 @@ def targets(results: dict, baseline: dict = None, ca_sr_qe_drops: int = None) ->
         "n/a: a fine-tuned model" if fine_tuned else "",
     )
     below = None if value is None or m("ca_sr") is None else value >= m("ca_sr")
-    note = "" if ca_sr_qe_drops is None else f"{ca_sr_qe_drops} queries with a lower AP"
+    note = "" if ca_sr_qe_drops is None else f"queries with a lower AP: {ca_sr_qe_drops}"
     row("CA-SR + QE never below CA-SR (mAP)", value, below, note)
     value = m("cs_sr_qe")
     row(
@@ -162,7 +162,7 @@ def targets(results: dict, baseline: dict = None, ca_sr_qe_drops: int = None) ->
         f"CS-SR localisation mean IoU >= {CS_SR_IOU:g} (true positives in the top 10)",
         value,
         None if value is None else value >= CS_SR_IOU,
-        "" if fine_tuned else f"n/a: off the shelf, CA-SR's is {m('ca_sr', 'mean_iou')}",
+        "" if fine_tuned else f"n/a: off the shelf, CA-SR's is {_fmt(m('ca_sr', 'mean_iou'), 3)}",
     )
     best = max((v["mAP"] for v in results.values() if v.get("mAP") is not None), default=None)
     base = None
