@@ -57,7 +57,8 @@ def test_extraction_quick(capsys, tmp_path):
     cfg = tiny_cfg("EfficientNet-Lite0")
     assert full["num_proposals"] == cfg.MODEL.RETRIEVAL.NUM_PROPOSALS == 16
     # the worker built the tiny config's model: same parameter count as one built here
-    params = sum(p.numel() for p in tiny_model("EfficientNet-Lite0").parameters())
+    rpn = ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN"]  # the cost experiments measure the RPN
+    params = sum(p.numel() for p in tiny_model("EfficientNet-Lite0", rpn).parameters())
     assert all(r["params_million"] == pytest.approx(params / 1e6) for r in results)
     assert all(r["pretrained_backbone"] is cfg.MODEL.EFFICIENTNET.PRETRAINED for r in results)
     for r in results:
