@@ -31,9 +31,12 @@ def tame_rpn(model):
     """Zero the RPN's box-delta predictor so that proposals are anchors.
 
     With random backbone weights the activations are large and the predicted deltas throw every
-    proposal outside the image; anchors give well-defined proposals to test pooling on.
+    proposal outside the image; anchors give well-defined proposals to test pooling on. A model
+    without an RPN (dense region proposals) is returned as it is.
     """
-    head = model.proposal_generator.rpn_head
+    head = getattr(model.proposal_generator, "rpn_head", None)
+    if head is None:
+        return model
     torch.nn.init.zeros_(head.anchor_deltas.weight)
     torch.nn.init.zeros_(head.anchor_deltas.bias)
     return model

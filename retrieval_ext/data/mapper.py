@@ -300,6 +300,42 @@ class RetrievalDatasetMapper(DatasetMapper):
     def _read(self, file_name: str) -> np.ndarray:
         return read_image(file_name, format=self.image_format)
 
+    def _checked_query(self, dataset_dict: dict, image: np.ndarray):
+        """(image, query box or None): at inference the box is checked against the image and a
+        ``crop_query`` dict's image is cropped to it (the box then is the whole crop)."""
+        query_box = dataset_dict.get("query_box")
+        if query_box is not None and not self.is_train:
+            where = f"query {dataset_dict.get('image_id', '')!r} ({dataset_dict['file_name']})"
+            query_box = validate_box(query_box, image.shape[:2], where)
+        elif query_box is not None:
+            query_box = [float(v) for v in query_box]
+        if not self.is_train and query_box is not None and dataset_dict.get("crop_query"):
+            image, _ = crop_to_box(image, query_box)
+            query_box = [0.0, 0.0, float(image.shape[1]), float(image.shape[0])]
+        return image, query_box
+
+    def query_image(self, dataset_dict: dict):
+        """A query dict's image and box as inference sees them before the resize.
+
+        Returns:
+            (image, box): the (H, W, C) uint8 array (EXIF-oriented, cropped to the box for
+            ``crop_query`` dicts, flipped for ``horizontal_flip`` ones) and the box [x1, y1, x2,
+            y2] in its pixels.
+
+        Raises:
+            UnreadableImageError: the image cannot be read.
+            InvalidBoxError (a ValueError): the query box does not fit the image.
+            KeyError: the dict has no ``query_box``.
+        """
+        if "query_box" not in dataset_dict:
+            raise KeyError(f"{dataset_dict.get('file_name')}: not a query (no 'query_box')")
+        image, box = self._checked_query(dataset_dict, self._read(dataset_dict["file_name"]))
+        if dataset_dict.get("horizontal_flip", False):
+            flip = T.HFlipTransform(image.shape[1])
+            image = flip.apply_image(image)
+            box = flip.apply_box(np.array([box]))[0].tolist()
+        return image, [float(v) for v in box]
+
     def __call__(self, dataset_dict: dict) -> dict:
         """
         Args:
@@ -317,16 +353,7 @@ class RetrievalDatasetMapper(DatasetMapper):
         image = self._read(dataset_dict["file_name"])
         if self.is_train:
             utils.check_image_size(dataset_dict, image)
-
-        query_box = dataset_dict.get("query_box")
-        if query_box is not None and not self.is_train:
-            where = f"query {dataset_dict.get('image_id', '')!r} ({dataset_dict['file_name']})"
-            query_box = validate_box(query_box, image.shape[:2], where)
-        elif query_box is not None:
-            query_box = [float(v) for v in query_box]
-        if not self.is_train and query_box is not None and dataset_dict.get("crop_query"):
-            image, _ = crop_to_box(image, query_box)
-            query_box = [0.0, 0.0, float(image.shape[1]), float(image.shape[0])]
+        image, query_box = self._checked_query(dataset_dict, image)
 
         pre: List[T.Transform] = []
         if dataset_dict.get("horizontal_flip", False):

@@ -130,6 +130,7 @@ class RetrievalEvaluator(DatasetEvaluator):
         self._output_dir = output_dir or cfg.OUTPUT_DIR
         self._tag = tag
         self._queries: List[dict] = []
+        self._extractor: Optional[FeatureExtractor] = None
 
     @property
     def dataset(self) -> str:
@@ -141,16 +142,38 @@ class RetrievalEvaluator(DatasetEvaluator):
     def process(self, inputs, outputs):
         """Keep the descriptor record of every input that carried a query box.
 
+        With ``RETRIEVAL.QUERY_SCALES`` the record is extracted again at each box size (the
+        same :meth:`~retrieval_ext.retrieval.extractor.FeatureExtractor.query_record` as
+        ``tools/retrieve.py``), so that the evaluation during training equals the tool's; the
+        single-size output of the test loader's pass only says which inputs are queries.
+
         Args:
             inputs: model inputs (``RetrievalDatasetMapper`` dicts of ``NAME_query``).
             outputs: ``RetrievalRCNN`` outputs; those with a ``"query"`` field are kept.
         """
+        extractor = self._query_extractor()
         for inp, out in zip(inputs, outputs):
             if "query" not in out:
                 continue
-            rec = outputs_to_query(out)
+            if self._cfg.RETRIEVAL.QUERY_SCALES:
+                if extractor is None:  # no model to extract with: evaluate() extracts them
+                    continue
+                # the test loader's single pass does not give the multi-scale record: extract it
+                # as tools/retrieve.py does (the mapped input is still the query's dataset dict)
+                rec = extractor.query_record(inp)
+            else:
+                rec = outputs_to_query(out)
             rec.update({k: inp[k] for k in _QUERY_INFO if k in inp})
             self._queries.append(rec)
+
+    def _query_extractor(self) -> Optional[FeatureExtractor]:
+        """The extractor of multi-scale query records (``RETRIEVAL.QUERY_SCALES``) with the
+        evaluated model; None when there is no model or no multi-scale query."""
+        if not self._cfg.RETRIEVAL.QUERY_SCALES or self._model is None:
+            return None
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self._cfg, model=_unwrap(self._model))
+        return self._extractor
 
     def work_dir(self) -> str:
         """``output_dir/eval_<tag>`` (see the constructor for the tag)."""

@@ -127,6 +127,36 @@ class RetrievalRCNN(GeneralizedRCNN):
             results.append(out)
         return results
 
+    def query_inference(self, batched_inputs: List[Dict[str, torch.Tensor]]) -> List[dict]:
+        """The query side of :meth:`inference` alone: no proposals, no box head.
+
+        A query needs the image's IPA and its box's region vectors only; the proposals and the box
+        head (most of the cost with hundreds of regions) are skipped. Each input must carry
+        ``"query_boxes"``.
+
+        Returns:
+            one dict per input with ``"ipa_sum"``, ``"ipa_max"`` and ``"query"``, equal to those of
+            :meth:`inference`.
+        """
+        assert not self.training
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        query_boxes = [
+            self._query_boxes_to_input(x, s) for x, s in zip(batched_inputs, images.image_sizes)
+        ]
+        if not all(len(q) for q in query_boxes):
+            raise ValueError("query_inference: every input needs 'query_boxes'")
+        query_rpa = self.roi_heads.region_descriptors(features, query_boxes)
+        results = []
+        for i, (inp, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            orig = (inp.get("height", image_size[0]), inp.get("width", image_size[1]))
+            ipa_sum, ipa_max = self._pool_image(features, i, image_size)
+            query = self._query_output(
+                features, i, image_size, inp["query_boxes"], query_boxes[i], query_rpa[i], orig
+            )
+            results.append({"ipa_sum": ipa_sum, "ipa_max": ipa_max, "query": query})
+        return results
+
     def _ipa_maps(self, features, i: int, image_size) -> List[Tuple[torch.Tensor, int, tuple]]:
         maps = []
         for name, stride in zip(self.ipa_features, self.ipa_strides):

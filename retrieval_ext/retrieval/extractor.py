@@ -1,7 +1,8 @@
-"""Feature extraction: run RetrievalRCNN on database and query images, once each.
+"""Feature extraction: run RetrievalRCNN on database and query images.
 
-Turns the model's outputs into the numpy records the index stores (database images) and the
-query records search uses. All boxes in records are XYXY in original-image pixels.
+Turns the model's outputs into the numpy records the index stores (database images, one pass
+each) and the query records search uses (one pass each, or one per box size of
+``RETRIEVAL.QUERY_SCALES``). All boxes in records are XYXY in original-image pixels.
 """
 
 import hashlib
@@ -18,6 +19,7 @@ from ..data.mapper import RetrievalDatasetMapper, UnreadableImageError
 from ..modeling.checkpoint import RetrievalCheckpointer
 from .contents import IndexContents, contents_from_config
 from .normalization import l2_normalize
+from .query_scales import combine_query_records, query_resize_factors, resized_shape
 
 __all__ = [
     "FeatureExtractor",
@@ -218,6 +220,8 @@ class FeatureExtractor:
         self.model = model
         self.mapper = RetrievalDatasetMapper(cfg, is_train=False)
         self.contents = contents if contents is not None else contents_from_config(cfg)
+        # box sizes (fractions of MIN_SIZE_TEST) of a multi-scale query; () = one pass
+        self.query_scales = tuple(float(f) for f in cfg.RETRIEVAL.QUERY_SCALES)
         self._fingerprints: Dict[str, Dict[str, str]] = {}
 
     @property
@@ -307,6 +311,18 @@ class FeatureExtractor:
                     records[j] = (d["image_id"], rec)
         return records, [(d["image_id"], reason) for d, reason in failed]
 
+    @torch.no_grad()
+    def run_queries(self, model_inputs: List[dict]) -> List[dict]:
+        """The query outputs of inputs with ``query_boxes`` (the model's ``query_inference``: no
+        proposals, no box head), in eval mode."""
+        model = getattr(self.model, "module", self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            return model.query_inference(model_inputs)
+        finally:
+            model.train(was_training)
+
     def _warn_small_query_box(self, x: dict, where: str):
         """Warns when the query box of model input ``x`` is smaller than one IPA-map cell."""
         strides = getattr(getattr(self.model, "module", self.model), "ipa_strides", None)
@@ -318,6 +334,9 @@ class FeatureExtractor:
 
     def query_record_from_image(self, image: np.ndarray, box, where: str = "query") -> dict:
         """The record of a query given as an image array.
+
+        With ``RETRIEVAL.QUERY_SCALES`` the query is extracted at each box size and the vectors
+        combined (:mod:`.query_scales`); without, in one pass at the test size.
 
         Args:
             image: (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` channel order.
@@ -332,16 +351,37 @@ class FeatureExtractor:
         if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"{where}: image must be an (H, W, 3) array, got {image.shape}")
         box = validate_box(box, image.shape[:2], where)
+        if self.query_scales:
+            return self._multi_scale_query(image, box, where)
         aug = T.AugInput(image)
         self.mapper.augmentations(aug)
-        x = {
-            "image": torch.as_tensor(np.ascontiguousarray(aug.image.transpose(2, 0, 1))),
-            "height": image.shape[0],
-            "width": image.shape[1],
-            "query_boxes": torch.as_tensor([box], dtype=torch.float32),
-        }
+        x = _query_input(aug.image, image.shape[:2], box)
         self._warn_small_query_box(x, where)
-        return outputs_to_query(self.run([x])[0])
+        return outputs_to_query(self.run_queries([x])[0])
+
+    def _multi_scale_query(self, image: np.ndarray, box, where: str) -> dict:
+        """The query at every size of ``query_scales`` (see :mod:`.query_scales`), one forward
+        pass each, combined; the box stays in ``image``'s pixels."""
+        size = image.shape[:2]
+        strides = getattr(getattr(self.model, "module", self.model), "ipa_strides", None) or [32]
+        factors = query_resize_factors(
+            box,
+            size,
+            self.query_scales,
+            self.cfg.INPUT.MIN_SIZE_TEST,
+            self.cfg.INPUT.MAX_SIZE_TEST,
+            min_side=max(strides),
+        )
+        largest = int(np.argmax(factors))
+        records = []
+        for i, s in enumerate(factors):
+            new_h, new_w = resized_shape(size, s)
+            resized = T.ResizeTransform(size[0], size[1], new_h, new_w).apply_image(image)
+            x = _query_input(resized, size, box)
+            if i == largest:  # warned when even the largest size leaves the box below a cell
+                self._warn_small_query_box(x, where)
+            records.append(outputs_to_query(self.run_queries([x])[0]))
+        return combine_query_records(records)
 
     def query_record(self, dataset_dict: dict) -> dict:
         """The record of one query (a dataset dict with ``file_name`` and ``query_box``).
@@ -350,7 +390,21 @@ class FeatureExtractor:
             UnreadableImageError: the query image cannot be read.
             InvalidBoxError (a ValueError): the query box does not fit its image.
         """
-        x = self.mapper(dict(dataset_dict))
         where = f"query {dataset_dict.get('image_id', '')!r} ({dataset_dict['file_name']})"
+        if self.query_scales:
+            image, box = self.mapper.query_image(dataset_dict)
+            return self._multi_scale_query(image, box, where)
+        x = self.mapper(dict(dataset_dict))
         self._warn_small_query_box(x, where)
-        return outputs_to_query(self.run([x])[0])
+        return outputs_to_query(self.run_queries([x])[0])
+
+
+def _query_input(image: np.ndarray, original_size, box) -> dict:
+    """Model input of a query: ``image`` (the query resized) with ``box`` in the pixels of the
+    original ``(height, width)`` (the model maps it onto the resized image)."""
+    return {
+        "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        "height": int(original_size[0]),
+        "width": int(original_size[1]),
+        "query_boxes": torch.as_tensor([list(box)], dtype=torch.float32),
+    }

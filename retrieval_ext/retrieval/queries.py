@@ -1,4 +1,6 @@
-"""Query records: one forward pass per query of a dataset, cached on disk for the same model.
+"""Query records of a dataset's queries (:meth:`FeatureExtractor.query_record`: one forward pass
+per query, or one per box size of ``RETRIEVAL.QUERY_SCALES``), cached on disk for the same model
+and query sizes.
 
 A query record holds the query image's IPA vectors and its box's region vectors (the paper's
 crop of the conv map, and the box through the RoI pooler), plus the dataset dict's identity
@@ -28,10 +30,12 @@ _QUERY_FIELDS = ("ipa_sum", "ipa_max", "box", "crop_sum", "crop_max", "rpa_sum",
 
 
 def _queries_signature(extractor: FeatureExtractor, dicts: Sequence[dict]) -> str:
-    """What a cached query record depends on: model config, weights, images, boxes, crops."""
+    """What a cached query record depends on: model config, weights, query sizes, images, boxes,
+    crops."""
     parts = [
         extractor.fingerprint["model_config"],
         extractor.fingerprint["weights_hash"],
+        "query_scales=" + json.dumps([float(f) for f in extractor.query_scales]),
         json.dumps(
             [
                 [
@@ -65,12 +69,13 @@ def _load_query_cache(cache: Path, signature: str, dicts: Sequence[dict]) -> Opt
 def extract_queries(
     extractor: FeatureExtractor, dataset: str, cache_dir: Optional[str] = None
 ) -> List[dict]:
-    """Records of every query of ``<dataset>_query`` (one forward pass each), cached on disk.
+    """Records of every query of ``<dataset>_query``, cached on disk.
 
     Each query box is checked against its image (EXIF-oriented) by the mapper: a box that
     cannot describe a region raises an error naming the query and the box; one partly outside is
     clamped (see :mod:`retrieval_ext.data.boxes`). The cache is reused only for the same model
-    config, weights, query images and boxes; it is written atomically.
+    config, weights, query sizes (``RETRIEVAL.QUERY_SCALES``), query images and boxes; it is
+    written atomically.
 
     Returns:
         list of query records in query order, each with the dataset dict's ``image_id``,

@@ -17,13 +17,21 @@ Every stage reads stored features only; the network never runs here. Stage names
 - ``cs_sr_qe``: the global form: the query IPA averaged with the IPA of the CS-SR top M,
   filtering again, and CS-SR of the new top N.
 
+Gated QE (``qe_gate_z`` > 0, ``RETRIEVAL.QE_GATE_Z``): each QE stage averages in only those of
+the top M whose score stands out from the ranked top N (a robust z-score, see
+:meth:`IndexSearcher._gated_top`): the filtering scores for ``filtering_qe``, the CA-SR cosines
+for both ``ca_sr_qe`` forms, the CS-SR probabilities for ``cs_sr_qe``. When none does, the stage
+returns the ranking it would have expanded (filtering, CA-SR, CS-SR). With CA-SR box voting
+(``box_vote_delta``) the located box is the vote of the proposals that match nearly as well as
+the best.
+
 :data:`STAGE_INPUTS` declares which stages each stage reads the results of; :func:`stage_chain`
 gives the stages a search of one stage runs (the UI reports the latency and AP of each).
 """
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,7 +43,7 @@ from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
     average_query_expansion,
-    gather_best_region_vectors,
+    outlier_gate,
     region_query_expansion,
 )
 from .ranking import rank
@@ -145,6 +153,18 @@ class IndexSearcher:
         region_compression: how the index stores region vectors; "auto" (default) reads the
             compression saved beside the index (none: plain RPA). Query region vectors are
             projected with it.
+        box_vote_delta: CA-SR located box: 0 = the best proposal's (the paper); > 0 = the vote
+            of the proposals within this cosine of the best
+            (:func:`~retrieval_ext.retrieval.reranking.vote_box`).
+        qe_gate_z: 0 = every QE stage averages the top M (the paper); > 0 = only the top M
+            results whose robust z-score within the ranked top N reaches it
+            (:func:`~retrieval_ext.retrieval.query_expansion.outlier_gate`, see
+            :meth:`_gated_top`); when none does, the stage gives the unexpanded ranking.
+        cs_sr_box: the box CS-SR (and CS-SR + QE) locate the object with in each reranked image:
+            "class" (the paper): the proposal with the highest probability of the query's class
+            (its class-regressed box when stored); "region": the image's CA-SR located box (the
+            proposals most similar to the query region, voted with ``box_vote_delta``). The
+            ranking is the same.
     """
 
     @configurable
@@ -163,6 +183,9 @@ class IndexSearcher:
         faiss_params: Optional[FaissParams] = None,
         filter_top_k: int = 0,
         region_compression="auto",
+        box_vote_delta: float = 0.0,
+        qe_gate_z: float = 0.0,
+        cs_sr_box: str = "class",
     ):
         for name, value, allowed in [
             ("filter_pooling", filter_pooling, ("sum", "max")),
@@ -170,9 +193,13 @@ class IndexSearcher:
             ("query_region", query_region, ("crop", "rpa")),
             ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
             ("filter_backend", filter_backend, ("numpy", "faiss")),
+            ("cs_sr_box", cs_sr_box, ("class", "region")),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        for name, value in [("box_vote_delta", box_vote_delta), ("qe_gate_z", qe_gate_z)]:
+            if not (value >= 0 and np.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.index = index
         self.whitening = whitening
         self.filter_pooling = filter_pooling
@@ -185,6 +212,9 @@ class IndexSearcher:
         problem = self.contents.missing("filtering", filter_pooling, rerank_pooling)
         if problem:
             raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
+        self.box_vote_delta = float(box_vote_delta)
+        self.qe_gate_z = float(qe_gate_z)
+        self.cs_sr_box = cs_sr_box
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
@@ -217,7 +247,8 @@ class IndexSearcher:
     @classmethod
     def from_config(cls, cfg, index, whitening: Optional[PCAWhitening] = None):
         """The arguments of a searcher of ``index`` with the stage settings of ``cfg.RETRIEVAL``
-        (``FILTER_*``, ``RERANK_POOLING``, ``QUERY_REGION``, ``TOP_N``, ``QE_*``, ``FAISS_*``)."""
+        (``FILTER_*``, ``RERANK_POOLING``, ``QUERY_REGION``, ``TOP_N``, ``QE_*``, ``FAISS_*``,
+        ``BOX_VOTE_DELTA``, ``CS_SR_BOX``)."""
         r = cfg.RETRIEVAL
         return {
             "index": index,
@@ -238,6 +269,9 @@ class IndexSearcher:
                 ef_search=r.FAISS_EF_SEARCH,
             ),
             "filter_top_k": r.FILTER_TOP_K,
+            "box_vote_delta": r.BOX_VOTE_DELTA,
+            "qe_gate_z": r.QE_GATE_Z,
+            "cs_sr_box": r.CS_SR_BOX,
         }
 
     def unsupported(self, stage: str) -> Optional[str]:
@@ -352,25 +386,42 @@ class IndexSearcher:
         unit = comp is not None and comp.dtype not in ("int8", "pq")
         similarity = comp.similarity() if comp is not None else None
         return class_agnostic_rerank(
-            region, order, scores, self._rpa, self._boxes, n, unit, similarity=similarity
+            region,
+            order,
+            scores,
+            self._rpa,
+            self._boxes,
+            n,
+            normalized=unit,
+            box_vote_delta=self.box_vote_delta,
+            similarity=similarity,
         )
 
-    def _best_regions(self, ca, m):
-        """The stored region vectors of the best proposals of the CA-SR top ``m`` (region QE);
-        product-quantised codes are decoded, those rows only."""
+    def _best_regions(self, ca, images) -> np.ndarray:
+        """L2-normalised stored region vectors of the located proposals of ``images`` (database
+        indices of the CA-SR block, region QE); product-quantised codes are decoded, those rows
+        only."""
         comp = self.region_compression
-        if comp is None or comp.pq is None:
-            return gather_best_region_vectors(ca, self._rpa, m)
-        rows = [
-            self._rpa(int(i))[int(b)]
-            for i, b in zip(ca.order[: min(m, ca.top_n)], ca.best_proposal[: min(m, ca.top_n)])
-            if b >= 0
-        ]
-        return l2_normalize(comp.decode(np.stack(rows))) if rows else np.zeros((0, 0), np.float32)
+        decode = comp.decode if comp is not None and comp.pq is not None else None
+        return _block_vectors(ca, images, self._rpa, decode)
 
-    def _cs(self, class_id, order, scores, n):
+    def _cs(self, q: "_Query", order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
-        return class_specific_rerank(int(class_id), order, scores, self._scores, boxes, n)
+        r = class_specific_rerank(int(q.class_id), order, scores, self._scores, boxes, n)
+        if self.cs_sr_box == "region" and r.top_n:
+            r = self._located_by_region(q, r)
+        return r
+
+    def _located_by_region(self, q: "_Query", r):
+        """``r`` (a CS-SR result) with each reranked image's box replaced by its CA-SR located
+        box: the proposals most similar to the query region (with box voting)."""
+        n = r.top_n
+        ca = self._ca(self.query_region_vector(q.record), r.order[:n], r.scores[:n], n)
+        by_image = {int(i): b for i, b in zip(ca.order, ca.boxes)}
+        boxes = r.boxes.copy()
+        for j in np.flatnonzero(r.best_proposal[:n] >= 0):
+            boxes[j] = by_image[int(r.order[j])]
+        return replace(r, boxes=boxes)
 
     # -- stages: each reads the results of its STAGE_INPUTS from ``done`` ------------------------
     def _filtering(self, q: _Query, done) -> StageResult:
@@ -381,7 +432,14 @@ class IndexSearcher:
     def _filtering_qe(self, q: _Query, done) -> StageResult:
         base = done["filtering"]
         t = time.perf_counter()
-        qv = self._global_qe(self.query_vector(q.record), base.order, q.qe_m)
+        qv = self.query_vector(q.record)
+        if self.qe_gate_z:
+            top = self._gated_top(base.order, base.scores, q.qe_m, q.top_n)
+            if top.size == 0:  # nothing stands out: the unexpanded ranking
+                return StageResult(base.order, base.scores, base.boxes, time.perf_counter() - t)
+            qv = self._global_qe(qv, top, q.qe_m)
+        else:
+            qv = self._global_qe(qv, base.order, q.qe_m)
         order, scores = self._filter(qv)
         return StageResult(order, scores, _no_boxes(self.db.shape[0]), time.perf_counter() - t)
 
@@ -395,12 +453,22 @@ class IndexSearcher:
         base, ca = done["filtering"], done["ca_sr"]
         t = time.perf_counter()
         region = self.query_region_vector(q.record)
+        if self.qe_gate_z:
+            top = self._gated_top(ca.order, ca.scores, q.qe_m, ca.top_n, ca.best_proposal)
+            if top.size == 0:  # nothing stands out: the CA-SR ranking
+                return replace(ca, seconds=time.perf_counter() - t)
+        else:
+            top = ca.order[: min(q.qe_m, ca.top_n)]
         if self.qe_rerank_mode == "region":
-            best = self._best_regions(ca, q.qe_m)
+            if not self.qe_gate_z:  # the top M located images
+                n_top = min(q.qe_m, ca.top_n)
+                top = ca.order[:n_top][ca.best_proposal[:n_top] >= 0]
+            best = self._best_regions(ca, top)
             expanded = region_query_expansion(region, best) if len(best) else region
             r = self._ca(expanded, base.order, base.scores, q.top_n)
         else:
-            qv = self._global_qe(self.query_vector(q.record), ca.order, q.qe_m)
+            source = top if self.qe_gate_z else ca.order
+            qv = self._global_qe(self.query_vector(q.record), source, q.qe_m)
             order, scores = self._filter(qv)
             r = self._ca(region, order, scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
@@ -408,12 +476,51 @@ class IndexSearcher:
     def _cs_sr(self, q: _Query, done) -> StageResult:
         base = done["filtering"]
         t = time.perf_counter()
-        r = self._cs(q.class_id, base.order, base.scores, q.top_n)
+        r = self._cs(q, base.order, base.scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
 
     def _cs_sr_qe(self, q: _Query, done) -> StageResult:
         cs = done["cs_sr"]
         t = time.perf_counter()
-        order, scores = self._filter(self._global_qe(self.query_vector(q.record), cs.order, q.qe_m))
-        r = self._cs(q.class_id, order, scores, q.top_n)
+        top = cs.order
+        if self.qe_gate_z:
+            top = self._gated_top(cs.order, cs.scores, q.qe_m, cs.top_n, cs.best_proposal)
+            if top.size == 0:  # nothing stands out: the CS-SR ranking
+                return replace(cs, seconds=time.perf_counter() - t)
+        order, scores = self._filter(self._global_qe(self.query_vector(q.record), top, q.qe_m))
+        r = self._cs(q, order, scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
+
+    def _gated_top(self, order, scores, m, top_n, best_proposal=None) -> np.ndarray:
+        """The database indices among the first ``m`` of a ranking that pass the QE gate.
+
+        Candidates are the first ``m`` entries of a filtering ranking, or of a reranked one
+        (``best_proposal`` given) the first ``min(m, top_n)`` that have a located proposal; each
+        passes when its score's robust z-score within the scores of the first ``top_n`` entries
+        (the filtering top N, or the reranked block) reaches ``qe_gate_z``.
+
+        Returns:
+            int64 (M',) database indices in ranking order, M' <= m (empty: nothing passes).
+        """
+        if best_proposal is None:
+            idx = np.arange(min(int(m), len(order)))
+        else:
+            idx = np.arange(min(int(m), int(top_n)))
+            idx = idx[np.asarray(best_proposal)[idx] >= 0]
+        keep = outlier_gate(scores[idx], scores[: int(top_n)], z=self.qe_gate_z)
+        return np.asarray(order, dtype=np.int64)[idx[keep]]
+
+
+def _block_vectors(result, images, region_vectors, decode=None) -> np.ndarray:
+    """L2-normalised region vectors of the located proposals of ``images`` (database indices of
+    the reranked block of ``result``), (M', D) in the order given; ``decode`` maps stored rows
+    (product-quantised codes) to float vectors."""
+    position = {int(i): j for j, i in enumerate(result.order[: result.top_n])}
+    rows = []
+    for i in images:
+        j = position[int(i)]
+        rows.append(np.asarray(region_vectors(int(i)))[int(result.best_proposal[j])])
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    rows = np.stack(rows)
+    return l2_normalize(decode(rows) if decode is not None else rows)

@@ -53,7 +53,9 @@ EXACT = {
 # blocks (13 tensors), res4 6 (19), res5 3 (10).
 # EfficientNet-Lite0: BN is frozen (buffers), no SE; an MBConv block has 3 conv weights
 # (expand, depthwise, project): blocks.2 (2 blocks) 6, blocks.3 (3) 9, blocks.4 (3) 9,
-# blocks.5 (4) 12, blocks.6 (1) 3, conv_head 1 = 40.
+# blocks.5 (4) 12, blocks.6 (1) 3, conv_head 1 = 40. Its proposals are the dense regions of the
+# base config, which have no parameters: no proposal_generator entry (with PROPOSAL_GENERATOR
+# "RPN", as configs/synthetic, the RPN's 6 tensors learn too).
 FPN_LAYERS = [
     f"backbone.fpn_{kind}{level}." for kind in ("lateral", "output") for level in (2, 3, 4, 5)
 ]
@@ -73,6 +75,12 @@ PREFIXES = {
     ),
     ("EfficientNet-Lite0", "ft2"): (
         [f"backbone.blocks.{i}." for i in range(2, 7)]
+        + ["backbone.conv_head.", "roi_heads.box_head.", "roi_heads.box_predictor."],
+        ["backbone.conv_stem.", "backbone.blocks.0.", "backbone.blocks.1."],
+        40 + 4 + 4,
+    ),
+    ("EfficientNet-Lite0-RPN", "ft2"): (
+        [f"backbone.blocks.{i}." for i in range(2, 7)]
         + ["backbone.conv_head.", "proposal_generator.", "roi_heads.box_head."]
         + ["roi_heads.box_predictor."],
         ["backbone.conv_stem.", "backbone.blocks.0.", "backbone.blocks.1."],
@@ -88,7 +96,11 @@ def models():
     def get(name):
         if name not in built:
             torch.manual_seed(0)
-            built[name] = build_model(tiny_cfg(name))
+            if name.endswith("-RPN"):  # the tiny config with the RPN instead of dense regions
+                cfg = tiny_cfg(name[: -len("-RPN")], ["MODEL.PROPOSAL_GENERATOR.NAME", "RPN"])
+            else:
+                cfg = tiny_cfg(name)
+            built[name] = build_model(cfg)
         return built[name]
 
     return get

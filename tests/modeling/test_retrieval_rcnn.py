@@ -290,3 +290,31 @@ def test_skipping_the_box_head_gives_bit_identical_region_features(name, opts, m
 
 def _must_not_run(*args, **kwargs):
     raise AssertionError("the box head ran")
+
+
+@pytest.mark.parametrize("name", ["R50-C4", "ZF", "EfficientNet-Lite0"])
+def test_query_inference_equals_the_query_part_of_inference(name):
+    """query_inference skips proposals and the box head; the query's vectors are the same."""
+    model = tiny_model(name)
+    inputs = [_inputs()[0]]  # one image with two query boxes, batched alone as queries are
+    with torch.no_grad():
+        full = model(inputs)[0]
+        fast = model.query_inference(inputs)[0]
+    assert set(fast) == {"ipa_sum", "ipa_max", "query"}
+    torch.testing.assert_close(fast["ipa_sum"], full["ipa_sum"])
+    torch.testing.assert_close(fast["ipa_max"], full["ipa_max"])
+    for field in ("boxes", "crop_sum", "crop_max", "rpa_sum", "rpa_max"):
+        a, b = fast["query"].get(field), full["query"].get(field)
+        a, b = (a.tensor, b.tensor) if field == "boxes" else (a, b)
+        torch.testing.assert_close(a, b, msg=field)
+    # the proposal generator never ran
+    calls = []
+    handle = model.proposal_generator.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.query_inference(inputs)
+    finally:
+        handle.remove()
+    assert calls == []
+    with pytest.raises(ValueError, match="query_boxes"):
+        model.query_inference([_inputs()[1]])

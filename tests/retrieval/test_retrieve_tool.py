@@ -27,6 +27,9 @@ from tests.common import (
 
 TOP_N = 4
 QE_M = 2
+# the config defaults the main run searches with (retrieval_ext/config.py)
+VOTE_DELTA = 0.05
+GATE_Z = 4.0
 
 
 def _run(args, env, cwd):
@@ -106,6 +109,30 @@ def _brute_rank(scores, ids_in_order):
     return [ids_in_order[j] for j in idx], [scores[j] for j in idx]
 
 
+def _robust_z(score, block):
+    """(s - median) / (1.4826 MAD) of the block; with MAD 0, +inf above the median."""
+    block = np.asarray(block, dtype=np.float64)
+    med = float(np.median(block))
+    mad = float(np.median(np.abs(block - med)))
+    if mad == 0:
+        return np.inf if score > med else -np.inf
+    return (score - med) / (1.4826 * mad)
+
+
+def _gated(ids, scores, block, z):
+    """The ids (first QE_M candidates, with their scores) whose robust z reaches z."""
+    return [i for i, s in zip(ids[:QE_M], scores[:QE_M]) if _robust_z(s, block) >= z]
+
+
+def _vote(boxes, sims, delta):
+    """Box voting written out: the boxes within delta of the best cosine, weighted by cosine."""
+    sims = np.asarray(sims, dtype=np.float64)
+    voters = sims >= sims.max() - delta
+    w = np.clip(sims[voters], 0, None)
+    w = w if w.sum() > 0 else np.ones_like(w)
+    return (w[:, None] * np.asarray(boxes, dtype=np.float64)[voters]).sum(axis=0) / w.sum()
+
+
 def test_outputs_are_written_under_output_dir(run):
     out = run["out"]
     for name in [
@@ -141,41 +168,51 @@ def test_each_stage_ranking_equals_brute_force(run):
 
     db = filt(index.image_vectors("ipa_sum"))
     rk = np.load(out / "rankings.npz")
+    voted_away = False
     for qi in range(6):
         qv = filt(q["ipa_sum"][qi])
         scores = [float(db[j] @ qv) for j in range(len(ids))]
         f_ids, f_scores = _brute_rank(scores, ids)
         assert list(rk["filtering/image_ids"][qi]) == f_ids
 
-        # filtering_qe: the query averaged with the top M, searched again
-        top = [ids.index(i) for i in f_ids[:QE_M]]
-        qe = _l2(qv + db[top].sum(axis=0))
-        qe_ids, _ = _brute_rank([float(db[j] @ qe) for j in range(len(ids))], ids)
-        assert list(rk["filtering_qe/image_ids"][qi]) == qe_ids
+        # filtering_qe, gated: the query averaged with those of the top M whose filtering score
+        # stands out from the top N's; none: the filtering ranking
+        kept = _gated(f_ids, f_scores, f_scores[:TOP_N], GATE_Z)
+        qe = _l2(qv + db[[ids.index(i) for i in kept]].sum(axis=0))
+        qe_ids = _brute_rank([float(db[j] @ qe) for j in range(len(ids))], ids)[0]
+        assert list(rk["filtering_qe/image_ids"][qi]) == (qe_ids if kept else f_ids)
 
-        # ca_sr: best cosine between the query crop (max-pooled) and any stored proposal
+        # ca_sr: best cosine between the query crop (max-pooled) and any stored proposal; the
+        # located box is the vote of the proposals within VOTE_DELTA of the best
         region = _l2(q["crop_max"][qi])
 
         def rerank(vec):
-            best, boxes = [], []
+            best, located = [], {}
             for image_id in f_ids[:TOP_N]:
                 regs = index.regions(ids.index(image_id))
                 sims = [float(_l2(v) @ vec) for v in regs["rpa_max"]]
                 k = int(np.argmax(sims))
                 best.append(sims[k])
-                boxes.append((image_id, regs["boxes"][k], regs["rpa_max"][k]))
-            order, _ = _brute_rank(best, f_ids[:TOP_N])
-            return order + f_ids[TOP_N:], {b[0]: b for b in boxes}
+                voted = _vote(regs["boxes"], sims, VOTE_DELTA)
+                located[image_id] = (voted, regs["rpa_max"][k], regs["boxes"][k])
+            order, scores = _brute_rank(best, f_ids[:TOP_N])
+            return order + f_ids[TOP_N:], scores, located
 
-        ca_ids, located = rerank(region)
+        ca_ids, ca_scores, located = rerank(region)
         assert list(rk["ca_sr/image_ids"][qi]) == ca_ids
-        np.testing.assert_allclose(rk["ca_sr/boxes"][qi][0], located[ca_ids[0]][1], rtol=1e-6)
+        for j, image_id in enumerate(ca_ids[:TOP_N]):
+            np.testing.assert_allclose(rk["ca_sr/boxes"][qi][j], located[image_id][0], rtol=1e-5)
+            voted_away |= not np.allclose(located[image_id][0], located[image_id][2])
         assert np.isnan(rk["ca_sr/boxes"][qi][TOP_N:]).all()
 
-        # ca_sr_qe (region form): region averaged with the best proposals of the CA-SR top M
-        expanded = _l2(region + sum(_l2(located[i][2]) for i in ca_ids[:QE_M]))
-        caqe_ids, _ = rerank(expanded)
+        # ca_sr_qe (region form), gated on the CA-SR cosines of the reranked block: the region
+        # averaged with the best proposals of those that stand out
+        kept = _gated(ca_ids, ca_scores, ca_scores, GATE_Z)
+        expanded = _l2(region + sum(_l2(located[i][1]) for i in kept))
+        caqe_ids = rerank(expanded)[0] if kept else ca_ids
         assert list(rk["ca_sr_qe/image_ids"][qi]) == caqe_ids
+    # box voting moved some located box away from the best proposal's
+    assert voted_away
 
 
 def test_every_json_written_is_strict(run):
@@ -188,16 +225,13 @@ def test_every_json_written_is_strict(run):
 
 def test_global_qe_rpa_query_and_sum_pooling_equal_brute_force(run):
     """The other forms, on the same index: ca_sr_qe in its global form, the query region through
-    the RoI pooler (QUERY_REGION rpa) and sum-pooled region vectors, recomputed here."""
+    the RoI pooler (QUERY_REGION rpa) and sum-pooled region vectors, recomputed here; the QE gate
+    threshold is chosen here so that it opens for some queries and stays shut for others."""
     out, variant = run["out"], run["tmp"] / "variant"
-    opts = ["OUTPUT_DIR", str(variant), "RETRIEVAL.INDEX_DIR", str(out / "index")]
-    opts += ["RETRIEVAL.QE_RERANK_MODE", "global", "RETRIEVAL.QUERY_REGION", "rpa"]
-    opts += ["RETRIEVAL.RERANK_POOLING", "sum", "RETRIEVAL.STAGES", "['ca_sr', 'ca_sr_qe']"]
-    proc = _run(["evaluate"] + run["common"] + opts, run["env"], run["tmp"])
-    assert proc.returncode == 0, proc.stderr[-4000:]
     index = IndexReader(out / "index")
     ids = list(index.image_ids)
-    q = np.load(next(variant.glob("queries-synthetic-*.npz")))
+    # the query records do not depend on the search settings: the main run's cache holds them
+    q = np.load(next(out.glob("queries-synthetic-*.npz")))
     w = np.load(next(out.glob("whitening-whiten-*.npz")))
     mean, proj = w["mean"].astype(np.float64), w["projection"].astype(np.float64)
 
@@ -205,7 +239,6 @@ def test_global_qe_rpa_query_and_sum_pooling_equal_brute_force(run):
         return _l2((_l2(x) - mean) @ proj.T)
 
     db = filt(index.image_vectors("ipa_sum"))
-    rk = np.load(variant / "rankings.npz")
 
     def filtering(vec):
         return _brute_rank([float(db[j] @ vec) for j in range(len(ids))], ids)[0]
@@ -215,16 +248,34 @@ def test_global_qe_rpa_query_and_sum_pooling_equal_brute_force(run):
         for image_id in ranked[:TOP_N]:
             regs = index.regions(ids.index(image_id))["rpa_sum"]
             best.append(max(float(_l2(v) @ vec) for v in regs))
-        return _brute_rank(best, ranked[:TOP_N])[0] + ranked[TOP_N:]
+        order, scores = _brute_rank(best, ranked[:TOP_N])
+        return order + ranked[TOP_N:], scores
 
-    for qi in range(6):
-        qv = filt(q["ipa_sum"][qi])
-        region = _l2(q["rpa_sum"][qi])  # the box through the RoI pooler, sum-pooled
-        ca = rerank(region, filtering(qv))
+    queries = [(filt(q["ipa_sum"][qi]), _l2(q["rpa_sum"][qi])) for qi in range(6)]
+    cas = [rerank(region, filtering(qv)) for qv, region in queries]
+    # a threshold between the queries' best robust z-scores: half of them open the gate
+    best_z = sorted(_robust_z(scores[0], scores) for _, scores in cas)
+    z = (best_z[2] + best_z[3]) / 2
+    assert 0 < z < np.inf and best_z[2] < best_z[3]
+
+    opts = ["OUTPUT_DIR", str(variant), "RETRIEVAL.INDEX_DIR", str(out / "index")]
+    opts += ["RETRIEVAL.QE_RERANK_MODE", "global", "RETRIEVAL.QUERY_REGION", "rpa"]
+    opts += ["RETRIEVAL.RERANK_POOLING", "sum", "RETRIEVAL.STAGES", "['ca_sr', 'ca_sr_qe']"]
+    opts += ["RETRIEVAL.QE_GATE_Z", repr(float(z))]
+    proc = _run(["evaluate"] + run["common"] + opts, run["env"], run["tmp"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rk = np.load(variant / "rankings.npz")
+    opened = []
+    for qi, ((qv, region), (ca, ca_scores)) in enumerate(zip(queries, cas)):
         assert list(rk["ca_sr/image_ids"][qi]) == ca
-        # global form: query IPA + IPA of the CA-SR top M, filtering again, CA-SR of its top N
-        expanded = _l2(qv + db[[ids.index(i) for i in ca[:QE_M]]].sum(axis=0))
-        assert list(rk["ca_sr_qe/image_ids"][qi]) == rerank(region, filtering(expanded))
+        # global form, gated: query IPA + IPA of the CA-SR top M that stand out, filtering
+        # again, CA-SR of its top N; nothing stands out: the CA-SR ranking
+        kept = _gated(ca, ca_scores, ca_scores, z)
+        opened.append(bool(kept))
+        expanded = _l2(qv + db[[ids.index(i) for i in kept]].sum(axis=0))
+        expected = rerank(region, filtering(expanded))[0] if kept else ca
+        assert list(rk["ca_sr_qe/image_ids"][qi]) == expected
+    assert set(opened) == {True, False}
 
 
 def test_reported_map_matches_ground_truth(run):

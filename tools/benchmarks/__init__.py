@@ -9,9 +9,13 @@ One module per experiment:
     benchmark.py compression [--num-db 100] [--pca-db 40]
     benchmark.py limits      [--gemm 2048] [--copy-mb 512] [--search-db 100000]
     benchmark.py index-cost  [--smvs PATH] [--pq 32 64 ...] [--default-pq 64] [--parts ...]
+    benchmark.py real        --data ROOT [--boxes FILE] [--split val|report|all] [--config-file
+                             CFG] [--weights W] [--baseline JSON] [KEY VALUE ...]
 
-Each subcommand prints the machine, a table (GitHub markdown) and writes ``<name>.json`` under
-``--output-dir`` (default ``output/benchmark``); ``--quick`` shrinks every size to a smoke run.
+Each cost subcommand prints the machine, a table (GitHub markdown) and writes ``<name>.json``
+under ``--output-dir`` (default ``output/benchmark``); ``--quick`` shrinks every size to a smoke
+run. ``real`` measures quality instead: every stage's mAP and localisation on a real-photo
+collection (:mod:`.real_photos`).
 Each experiment module registers its own subcommand (``register(subparsers)``) and shares
 machine probes, tables, JSON output, config / model building and synthetic data with
 :mod:`.common`. Numbers are wall-clock medians; on a shared machine they are noisy, so compare
@@ -20,9 +24,9 @@ runs made together.
 
 import argparse
 
-from . import compression, extraction, index_cost, limits, rerank, scale, search
+from . import compression, extraction, index_cost, limits, real_photos, rerank, scale, search
 
-EXPERIMENTS = (extraction, rerank, search, scale, compression, limits, index_cost)
+EXPERIMENTS = (extraction, rerank, search, scale, compression, limits, index_cost, real_photos)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -172,8 +172,15 @@ def config_file(backbone: str, quick: bool) -> Path:
     return CONFIGS / f"Base-{backbone}.yaml"
 
 
+# The cost experiments measure K proposals of the (tamed, random) RPN per image and queries
+# extracted at one size, as BENCHMARKS.md reports them; the offline default's dense regions and
+# multi-size queries are measured on real photos by ``benchmark.py real``.
+COST_PIPELINE_OPTS = ("MODEL.PROPOSAL_GENERATOR.NAME", "RPN", "RETRIEVAL.QUERY_SCALES", "[]")
+
+
 def build_cfg(path: Path, opts=()):
-    """A frozen retrieval_ext config: ``path`` merged with ``opts`` (flat key/value list)."""
+    """A frozen retrieval_ext config: ``path`` merged with :data:`COST_PIPELINE_OPTS`, then with
+    ``opts`` (flat key/value list)."""
     from detectron2.config import get_cfg
 
     from retrieval_ext.config import add_retrieval_config
@@ -181,7 +188,7 @@ def build_cfg(path: Path, opts=()):
     cfg = get_cfg()
     add_retrieval_config(cfg)
     cfg.merge_from_file(str(path))
-    cfg.merge_from_list([str(x) for x in opts])
+    cfg.merge_from_list([str(x) for x in COST_PIPELINE_OPTS + tuple(opts)])
     cfg.freeze()
     return cfg
 

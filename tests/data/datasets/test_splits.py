@@ -1,4 +1,5 @@
-"""tools/real_photo_splits.py: validation / report views of a collection grouped by camera."""
+"""Validation / report views of a collection grouped by camera (data.datasets.splits and its
+command line, tools/real_photo_splits.py)."""
 
 import importlib.util
 import json
@@ -11,6 +12,7 @@ from PIL import Image
 from retrieval_ext.data.datasets import register_custom_dataset
 from retrieval_ext.data.datasets.catalog import get_retrieval_metadata
 from retrieval_ext.data.datasets.common import unregister_retrieval_dataset
+from retrieval_ext.data.datasets.splits import make_view, parse_views
 from tests.common import REPO_ROOT
 
 
@@ -87,22 +89,39 @@ def test_views_keep_only_their_cameras_judgements(tmp_path):
         unregister_retrieval_dataset("split_test_rep")
 
 
+def test_a_view_of_every_group_with_other_judgements(tmp_path):
+    """groups None: the whole database, the judgements kept whole, from another file if given."""
+    root, out = tmp_path / "coll", tmp_path / "views"
+    _collection(root)
+    other = {"x": {"positives": ["images/c/1.jpg"], "junk": []}, "y": {"positives": []}}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    counts = make_view(str(root), str(out / "all"), None, relevance=str(tmp_path / "other.json"))
+    assert counts == {"images": 5, "positives": 1}
+    assert json.loads((out / "all" / "relevance.json").read_text()) == other
+    assert os.path.islink(out / "all" / "images")
+    # a group view with the other judgements filters them
+    counts = make_view(str(root), str(out / "a"), ["a"], relevance=str(tmp_path / "other.json"))
+    assert counts == {"images": 2, "positives": 0}
+
+
 def test_bad_requests_name_what_is_wrong(tmp_path):
     root, out = tmp_path / "coll", tmp_path / "views"
     _collection(root)
-    tool = _tool()
     with pytest.raises(ValueError, match="group 'a' is already in view 'v1'"):
-        tool.parse_views(["v1=a", "v2=a,b"])
+        parse_views(["v1=a", "v2=a,b"])
     with pytest.raises(ValueError, match="NAME=GROUP"):
-        tool.parse_views(["novalue"])
+        parse_views(["novalue"])
     with pytest.raises(FileNotFoundError, match="images/z"):
-        tool.make_view(str(root), str(out / "v"), ["z"])
-    tool.make_view(str(root), str(out / "v"), ["a"])
+        make_view(str(root), str(out / "v"), ["z"])
+    make_view(str(root), str(out / "v"), ["a"])
     with pytest.raises(FileExistsError, match="--overwrite"):
-        tool.make_view(str(root), str(out / "v"), ["a"])
-    tool.make_view(str(root), str(out / "v"), ["b"], overwrite=True)
+        make_view(str(root), str(out / "v"), ["a"])
+    make_view(str(root), str(out / "v"), ["b"], overwrite=True)
     assert sorted(os.listdir(out / "v" / "images")) == ["b"]
     assert os.path.isdir(root / "images" / "a")  # the replaced view's links were not followed
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        make_view(str(root), str(out / "w"), ["a"], relevance=str(tmp_path / "bad.json"))
     os.remove(root / "relevance.json")
     with pytest.raises(FileNotFoundError, match="relevance.json"):
-        tool.make_view(str(root), str(out / "w"), ["a"])
+        make_view(str(root), str(out / "w"), ["a"])

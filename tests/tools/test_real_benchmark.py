@@ -1,0 +1,152 @@
+"""tools/benchmark.py real: the real-photo benchmark on a tiny generated collection whose photos
+are grouped in two "camera" folders; its mAP recomputed here from the saved rankings and the
+judgements of the split's photos, its targets checked against its own numbers."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
+from tests.common import REPO_ROOT, load_strict_json, tiny_model, written_out_ap
+from tools.benchmarks.real_photos import split_groups, targets
+
+TOP_N, QE_M = 4, 2
+
+
+def _regroup(root):
+    """Move db_XXXXX.jpg into images/camA (even numbers) and images/camB (odd ones); judgements
+    follow. Returns the judgements (with boxes); the collection's own relevance.json loses its
+    boxes (they come from --boxes, as SMVS's from datasets/smvs_dvd_boxes.json)."""
+    moved = {}
+    for name in sorted(os.listdir(root / "images")):
+        group = "camA" if int(name[3:8]) % 2 == 0 else "camB"
+        os.makedirs(root / "images" / group, exist_ok=True)
+        shutil.move(root / "images" / name, root / "images" / group / name)
+        moved[f"images/{name}"] = f"images/{group}/{name}"
+    relevance = json.loads((root / "relevance.json").read_text())
+    for entry in relevance.values():
+        for key in ("positives", "junk"):
+            entry[key] = [moved[p] for p in entry.get(key, [])]
+        entry["boxes"] = {moved[p]: b for p, b in entry.get("boxes", {}).items()}
+    plain = {o: {k: v for k, v in e.items() if k != "boxes"} for o, e in relevance.items()}
+    (root / "relevance.json").write_text(json.dumps(plain))
+    return relevance
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    root = tmp / "photos"
+    generate_synthetic_benchmark(
+        str(root), num_instances=2, queries_per_instance=2, num_db=12, short_side=96, seed=3
+    )
+    relevance = _regroup(root)
+    (tmp / "boxes.json").write_text(json.dumps(relevance))
+    torch.save({"model": tiny_model("ZF").state_dict()}, tmp / "zf.pth")
+    out = tmp / "out"
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "benchmark.py"), "real", "--data", root]
+    cmd += ["--boxes", tmp / "boxes.json", "--split", "val", "--val-groups", "camA"]
+    cmd += ["--config-file", REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"]
+    cmd += ["--weights", tmp / "zf.pth", "--output-dir", out]
+    cmd += ["RETRIEVAL.TOP_N", TOP_N, "RETRIEVAL.QE_M", QE_M]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [str(c) for c in cmd], env=env, cwd=tmp, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {
+        "root": root,
+        "relevance": relevance,
+        "out": out / "val",
+        "log": proc.stdout,
+        "progress": proc.stderr,
+    }
+
+
+def test_outputs_and_split(bench):
+    out = bench["out"]
+    for name in ("config.yaml", "log.txt", "rankings.npz", "real_photos.md", "index/manifest.json"):
+        assert (out / name).is_file(), name
+    report = load_strict_json(out / "real_photos.json")
+    assert (report["split"], report["groups"]) == ("val", ["camA"])
+    assert report["num_images"] == 6  # db 0, 2, ..., 10
+    assert report["num_queries"] == 4
+    # the view's judgements: only camA photos, with the boxes of --boxes
+    view = json.loads((out / "data" / "real_val" / "relevance.json").read_text())
+    for obj, entry in view.items():
+        expected = [p for p in bench["relevance"][obj]["positives"] if "/camA/" in p]
+        assert entry["positives"] == expected
+        assert set(entry["boxes"]) <= set(expected)
+    # progress shown: the indexing, query and search bars
+    for bar in ("indexing real_val_db", "queries real_val", "searching"):
+        assert bar in bench["progress"], bar
+
+
+def test_table_is_the_map_of_the_split_recomputed(bench):
+    import numpy as np
+
+    out = bench["out"]
+    report = load_strict_json(out / "real_photos.json")
+    raw = load_strict_json(out / "retrieval_results.json")
+    rk = np.load(out / "rankings.npz")
+    queries = json.loads((bench["root"] / "queries.json").read_text())
+    assert set(report["results"]) == {"filtering", "filtering_qe", "ca_sr", "ca_sr_qe"}
+    for stage, row in report["results"].items():
+        aps = []
+        for qi, qd in enumerate(queries):
+            entry = bench["relevance"][qd["object"]]
+            pos = {os.path.splitext(p)[0] for p in entry["positives"] if "/camA/" in p}
+            junk = {os.path.splitext(p)[0] for p in entry.get("junk", []) if "/camA/" in p}
+            aps.append(written_out_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
+        assert row["mAP"] == pytest.approx(100 * np.mean(aps), abs=1e-7), stage
+        assert row["mAP"] == pytest.approx(100 * raw[stage]["mAP"])
+        if stage.startswith("ca_sr"):
+            assert row["mean_iou"] == pytest.approx(raw[stage]["mean_iou"])
+            assert 0 <= row["frac_iou@0.5"] <= 1
+        else:
+            assert row["mean_iou"] is None
+    # the printed table and target lines
+    log = bench["log"]
+    ca = report["results"]["ca_sr"]["mAP"]
+    assert "| CA-SR " in log and f"{ca:.2f}" in log
+    lines = {r["target"]: r for r in report["targets"]}
+    never_below = lines["CA-SR + QE never below CA-SR (mAP)"]
+    assert never_below["passed"] == (report["results"]["ca_sr_qe"]["mAP"] >= ca)
+    verdict = "PASS" if never_below["passed"] else "FAIL"
+    assert f"[{verdict}] CA-SR + QE never below CA-SR (mAP)" in log
+    assert lines["fine-tuned CS-SR + QE >= 75 mAP"]["passed"] is None  # off the shelf: n/a
+
+
+def test_split_groups_and_bad_requests(bench):
+    root = str(bench["root"])
+    assert split_groups(root, "val", "camA", "") == ["camA"]
+    assert split_groups(root, "report", "camA", "") == ["camB"]  # every other group
+    assert split_groups(root, "all", "camA", "") is None
+    with pytest.raises(ValueError, match=r"unknown: \['droid'\].*\['camA', 'camB'\]"):
+        split_groups(root, "val", "droid", "")
+
+
+def test_targets_worked_out():
+    off = {
+        "filtering": {"mAP": 25.0},
+        "ca_sr": {"mAP": 44.0, "mean_iou": 0.64},
+        "ca_sr_qe": {"mAP": 45.4, "mean_iou": 0.63},
+    }
+    rows = {r["target"]: r["passed"] for r in targets(off, ca_sr_qe_drops=3)}
+    assert rows["off-the-shelf CA-SR + QE >= 50 mAP"] is False
+    assert rows["CA-SR + QE never below CA-SR (mAP)"] is True
+    assert rows["fine-tuned CS-SR + QE >= 75 mAP"] is None
+    assert rows["fine-tuned best stage > off-the-shelf best stage (mAP)"] is None
+    ft = dict(off, cs_sr={"mAP": 66.0, "mean_iou": 0.62}, cs_sr_qe={"mAP": 76.0})
+    ft["ca_sr_qe"] = {"mAP": 40.0}
+    rows = {r["target"]: r["passed"] for r in targets(ft, baseline=off)}
+    assert rows["off-the-shelf CA-SR + QE >= 50 mAP"] is None  # a fine-tuned model
+    assert rows["CA-SR + QE never below CA-SR (mAP)"] is False
+    assert rows["fine-tuned CS-SR + QE >= 75 mAP"] is True
+    assert rows["CS-SR localisation mean IoU >= 0.6 (true positives in the top 10)"] is True
+    assert rows["fine-tuned best stage > off-the-shelf best stage (mAP)"] is True  # 76 > 45.4
