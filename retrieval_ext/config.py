@@ -263,10 +263,12 @@ def add_retrieval_config(cfg):
     # vectors of REGION_PCA_DATASET ("" = WHITENING_DATASET; never the dataset searched);
     _C.RETRIEVAL.REGION_PCA_DIM = 0
     _C.RETRIEVAL.REGION_PCA_DATASET = ""
-    # storage of the region vectors: "int8" (unit vectors scaled to +-127 per proposal; 4x smaller
-    # than float32 for 0.01 mAP points on the synthetic benchmark), "float16", "float32", or ""
-    # (uncompressed, INDEX_DTYPE).
-    _C.RETRIEVAL.REGION_DTYPE = "int8"
+    # storage of the region vectors: "pq" (REGION_PQ below: M bytes per vector, scored from the
+    # codes; chosen on validation data, BENCHMARKS.md section 9), "int8" (unit vectors scaled to
+    # +-127 per proposal; 4x smaller than float32 for 0.01 mAP points), "float16", "float32", or
+    # "" (uncompressed, INDEX_DTYPE). A collection too small to learn a quantiser on
+    # (REGION_PQ.MIN_VECTORS) stores int8.
+    _C.RETRIEVAL.REGION_DTYPE = "pq"
 
     # ---------------------------------------------------------------- what the index stores
     # An index holds the fields its stages read (retrieval/contents.py) and records them in its
@@ -299,7 +301,8 @@ def add_retrieval_config(cfg):
     # recorded in its manifest; CA-SR and region QE score the codes by table look-ups.
     _C.RETRIEVAL.REGION_PQ = CN()
     # Sub-quantisers = bytes per region vector; must divide the vector dimension (1280 for
-    # EfficientNet-Lite0's conv_head).
+    # EfficientNet-Lite0's conv_head). 64: best mean CA-SR and CA-SR + QE mAP of 16/32/64/128 on
+    # the validation sets (synthetic seed 1, SMVS droid photos), 28 KB per SMVS image in all.
     _C.RETRIEVAL.REGION_PQ.M = 64
     # Also learn an OPQ rotation (faiss OPQMatrix) applied before quantising; stored beside the
     # index (D x D float16).

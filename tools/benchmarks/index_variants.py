@@ -263,27 +263,33 @@ def run_layouts(bench: Bench, layouts: List[Layout], stages, log: Callable[[str]
     return rows
 
 
-def register_synthetic(work: Path, num_db: int, quick: bool):
-    """Generate (once) and register the synthetic benchmark and its whitening set."""
+def register_synthetic(work: Path, num_db: int, quick: bool, seed: int = 0):
+    """Generate (once) and register the synthetic benchmark of generator seed ``seed`` (0: the
+    report set; another seed: a validation set) and its whitening set (seed 1000)."""
     from retrieval_ext.data import register_custom_dataset
     from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 
-    specs = [("bench_syn", num_db, 0, 5), ("bench_syn_whiten", max(num_db // 3, 20), 1000, 1)]
-    for name, n, seed, per in specs:
-        root = work / "datasets" / name
+    name = "bench_syn" if seed == 0 else f"bench_syn_seed{seed}"
+    specs = [(name, num_db, seed, 5), ("bench_syn_whiten", max(num_db // 3, 20), 1000, 1)]
+    for dataset, n, set_seed, per in specs:
+        root = work / "datasets" / dataset
         if not (root / "relevance.json").is_file():
             kw = {"num_instances": 3, "short_side": 96} if quick else {}
             generate_synthetic_benchmark(
-                str(root), num_db=n, seed=seed, queries_per_instance=per, **kw
+                str(root), num_db=n, seed=set_seed, queries_per_instance=per, **kw
             )
-        register_custom_dataset(name, str(root))
-    return "bench_syn", "bench_syn_whiten"
+        register_custom_dataset(dataset, str(root))
+    return name, "bench_syn_whiten"
 
 
-def synthetic_bench(work: Path, config: Path, num_db: int, quick: bool, opts=()) -> Bench:
-    dataset, whiten = register_synthetic(work, num_db, quick)
-    cfg = build_cfg(config, REFERENCE_OPTS + ["RETRIEVAL.DATASET", dataset] + list(opts))
-    bench = Bench("synthetic", dataset, cfg, work / "synthetic")
+def synthetic_bench(
+    work: Path, config: Path, num_db: int, quick: bool, opts=(), seed: int = 0
+) -> Bench:
+    dataset, whiten = register_synthetic(work, num_db, quick, seed)
+    cfg = build_cfg(
+        config, REFERENCE_OPTS + ["RETRIEVAL.DATASET", dataset] + list(opts), cost_pipeline=False
+    )
+    bench = Bench("synthetic", dataset, cfg, work / ("synthetic" if seed == 0 else dataset))
     bench.extra["whiten"] = whiten
     return bench
 
@@ -292,7 +298,11 @@ def smvs_bench(work: Path, root: str, config: Path, whiten: str, opts=()) -> Ben
     from retrieval_ext.data import register_custom_dataset
 
     register_custom_dataset("bench_smvs", os.path.abspath(root))
-    cfg = build_cfg(config, REFERENCE_OPTS + ["RETRIEVAL.DATASET", "bench_smvs"] + list(opts))
+    cfg = build_cfg(
+        config,
+        REFERENCE_OPTS + ["RETRIEVAL.DATASET", "bench_smvs"] + list(opts),
+        cost_pipeline=False,
+    )
     bench = Bench("smvs", "bench_smvs", cfg, work / ("smvs-" + Path(root).name))
     bench.extra["whiten"] = whiten
     return bench
