@@ -38,7 +38,7 @@ from retrieval_ext.retrieval.index_weights import (  # noqa: E402
 )
 from retrieval_ext.retrieval.indexing import check_index_model, index_manifest  # noqa: E402
 from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
-from retrieval_ext.retrieval.pipeline import region_compression  # noqa: E402
+from retrieval_ext.retrieval.pipeline import region_compression, region_whitening  # noqa: E402
 
 logger = logging.getLogger("retrieval_ext")
 
@@ -59,6 +59,7 @@ def _compression(cfg, extractor, source, dataset, work_dir):
     r = cfg.RETRIEVAL
     if (r.REGION_DTYPE or "") == "pq" and not r.REGION_PQ.DATASET and not r.REGION_PCA_DIM:
         fields = [f"rpa_{p}" for p in extractor.contents.region_poolings]
+        whitening = region_whitening(cfg, extractor, dataset, work_dir)
         return learn_compression_from_index(
             source,
             fields,
@@ -67,6 +68,7 @@ def _compression(cfg, extractor, source, dataset, work_dir):
             r.REGION_PQ.M,
             r.REGION_PQ.OPQ,
             r.REGION_PQ.SAMPLE_IMAGES,
+            projection=(whitening.mean, whitening.projection) if whitening is not None else None,
         )
     return region_compression(cfg, extractor, dataset, work_dir)
 

@@ -144,12 +144,18 @@ class RegionCompression:
         pq_m: int = 0,
         opq: bool = False,
         trained_on: str = "",
+        projection=None,
         **kw,
     ) -> "RegionCompression":
         """A compression whose PCA (if ``pca_dim``) and product quantiser (``dtype`` "pq", of
-        ``pq_m`` bytes, with an OPQ rotation if ``opq``) are learned on ``vectors`` (M, C)."""
+        ``pq_m`` bytes, with an OPQ rotation if ``opq``) are learned on ``vectors`` (M, C).
+        ``projection``: a given (mean, components) pair (e.g. a PCA whitening learned
+        elsewhere) used instead of learning a PCA; the quantiser is learned on its output."""
         mean = comps = pq = None
-        if pca_dim:
+        if projection is not None:
+            mean, comps = (np.asarray(a, dtype=np.float32) for a in projection)
+            pca_dim = comps.shape[0]
+        elif pca_dim:
             mean, comps = learn_region_pca(vectors, pca_dim)
         if dtype == "pq":
             plain = cls(num_proposals, pca_dim, "float32", mean=mean, components=comps)

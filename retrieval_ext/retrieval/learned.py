@@ -7,6 +7,7 @@ save it keyed by the model's weights hash, and load it on every rank. The whiten
 region PCA and the region product quantiser are its users.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -22,6 +23,7 @@ from .indexing import build_index
 from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 
 __all__ = [
+    "load_or_learn_region_whitening",
     "load_or_learn",
     "load_or_learn_region_pca",
     "load_or_learn_region_pq",
@@ -193,6 +195,55 @@ def _region_vectors(index: IndexReader) -> np.ndarray:
     )
 
 
+# at most about this many region vectors learn the region whitening (the first proposals of
+# each image: stored best first), which bounds its memory on a large whitening dataset
+REGION_WHITENING_MAX_VECTORS = 65536
+
+
+def load_or_learn_region_whitening(
+    extractor: FeatureExtractor, whitening_dataset: str, work_dir: str, **index_kwargs
+) -> PCAWhitening:
+    """PCA whitening of sum-pooled region vectors, learned on ``whitening_dataset``'s database
+    ``rpa_sum`` vectors (L2-normalised; applied as L2 -> whiten -> L2, like IPA-sum), saved and
+    reused. The index of the whitening dataset must store ``rpa_sum`` (``RERANK_POOLING`` sum).
+
+    Raises:
+        ValueError: that index stores no ``rpa_sum``, or too few vectors to learn on.
+    """
+
+    def learn(index: IndexReader) -> PCAWhitening:
+        if "rpa_sum" not in index.schema:
+            raise ValueError(
+                f"the index of {whitening_dataset!r} stores no rpa_sum: the region whitening is "
+                "learned with RETRIEVAL.RERANK_POOLING sum (or STORE.REGION_POOLINGS ['sum'])"
+            )
+        per_image = max(1, REGION_WHITENING_MAX_VECTORS // max(index.num_images, 1))
+        X = l2_normalize(
+            np.concatenate(
+                [
+                    np.asarray(index.regions(i)["rpa_sum"])[:per_image]  # best first
+                    for i in range(index.num_images)
+                ]
+            )
+        )
+        w = learn_pca_whitening(X)
+        logger.info(
+            f"learned the region whitening on {len(X)} rpa_sum vectors of {whitening_dataset}"
+        )
+        return w
+
+    return load_or_learn(
+        extractor,
+        whitening_dataset,
+        work_dir,
+        "region-whitening",
+        "sum",
+        learn,
+        PCAWhitening.load,
+        **index_kwargs,
+    )
+
+
 def load_or_learn_region_pq(
     extractor: FeatureExtractor,
     dataset: str,
@@ -202,6 +253,7 @@ def load_or_learn_region_pq(
     num_proposals: int = 0,
     sample_images: int = 0,
     min_vectors: int = 39 * 256,
+    whitening: Optional[PCAWhitening] = None,
     **index_kwargs,
 ) -> RegionCompression:
     """A region compression to product-quantised codes (``dtype`` "pq") whose quantiser is
@@ -216,8 +268,13 @@ def load_or_learn_region_pq(
         num_proposals: proposals kept per image (see :class:`RegionCompression`).
         min_vectors: fewer region vectors than this learn no quantiser: the compression is
             int8 then (a warning says so).
+        whitening: vectors are whitened with it (L2 -> whiten -> L2) before they are quantised
+            (sum-pooled region vectors, :func:`load_or_learn_region_whitening`).
         index_kwargs: see :func:`load_or_learn`.
     """
+
+    proj = (whitening.mean, whitening.projection) if whitening is not None else None
+    plain = _projected(num_proposals, "int8", proj)
 
     def learn(index: IndexReader) -> RegionCompression:
         vecs = _region_vectors(index)
@@ -228,15 +285,17 @@ def load_or_learn_region_pq(
                 f"{trained_on} are too few to learn a product quantiser (RETRIEVAL.REGION_PQ."
                 f"MIN_VECTORS {min_vectors}): region vectors are stored int8 instead"
             )
-            return RegionCompression(num_proposals, 0, "int8")
+            return plain
         learned = RegionCompression.learn(
-            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on
+            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on, projection=proj
         )
         logger.info(f"learned the region product quantiser ({m} bytes) on {trained_on}")
         return learned
 
     variant = f"m{m}" + ("-opq" if opq else "") + (f"-s{sample_images}" if sample_images else "")
     variant += f"-min{min_vectors}"
+    if whitening is not None:
+        variant += "-w" + hashlib.sha1(whitening.projection.tobytes()).hexdigest()[:12]
     learned = load_or_learn(
         extractor,
         dataset,
@@ -249,5 +308,20 @@ def load_or_learn_region_pq(
         **index_kwargs,
     )
     if learned.pq is None:  # too few vectors: int8
-        return RegionCompression(num_proposals, 0, learned.dtype)
-    return RegionCompression(num_proposals, 0, "pq", pq=learned.pq)
+        return plain
+    return RegionCompression(
+        num_proposals,
+        learned.pca_dim,
+        "pq",
+        mean=learned.mean,
+        components=learned.components,
+        pq=learned.pq,
+    )
+
+
+def _projected(num_proposals: int, dtype: str, projection=None) -> RegionCompression:
+    """A region compression to ``dtype``, through ``projection`` (mean, components) if given."""
+    if projection is None:
+        return RegionCompression(num_proposals, 0, dtype)
+    mean, comps = projection
+    return RegionCompression(num_proposals, comps.shape[0], dtype, mean=mean, components=comps)

@@ -20,7 +20,12 @@ from .extractor import FeatureExtractor
 from .index_store import IndexReader
 from .index_weights import adopt_index_weights
 from .indexing import build_index
-from .learned import load_or_learn_region_pca, load_or_learn_region_pq, load_or_learn_whitening
+from .learned import (
+    load_or_learn_region_pca,
+    load_or_learn_region_pq,
+    load_or_learn_region_whitening,
+    load_or_learn_whitening,
+)
 from .normalization import PCAWhitening
 from .paths import IndexPaths
 from .queries import extract_queries
@@ -52,10 +57,24 @@ def region_compression(
     """
     r = cfg.RETRIEVAL
     dtype = r.REGION_DTYPE or r.INDEX_DTYPE
-    if not r.REGION_NUM_PROPOSALS and not r.REGION_PCA_DIM and not r.REGION_DTYPE:
+    whitening = region_whitening(cfg, extractor, dataset, work_dir)
+    if not (r.REGION_NUM_PROPOSALS or r.REGION_PCA_DIM or r.REGION_DTYPE or whitening):
         return None
+    if whitening is not None and r.REGION_PCA_DIM:
+        raise ValueError(
+            "RETRIEVAL.REGION_PCA_DIM and the whitening of sum-pooled region vectors "
+            "(RETRIEVAL.WHITEN_SUM_REGIONS) cannot be combined: set one of them off"
+        )
     if dtype == "pq":
-        return _region_pq(cfg, extractor, dataset, work_dir)
+        return _region_pq(cfg, extractor, dataset, work_dir, whitening)
+    if whitening is not None:
+        return RegionCompression(
+            r.REGION_NUM_PROPOSALS,
+            whitening.out_dim,
+            dtype,
+            mean=whitening.mean,
+            components=whitening.projection,
+        )
     if not r.REGION_PCA_DIM:
         return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype)
     source = r.REGION_PCA_DATASET or r.WHITENING_DATASET
@@ -69,9 +88,25 @@ def region_compression(
     )
 
 
-def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
+def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening]:
+    """The whitening of sum-pooled region vectors (``RETRIEVAL.WHITEN_SUM_REGIONS``), learned on
+    ``WHITENING_DATASET``'s region vectors; None unless ``RERANK_POOLING`` is sum and both are
+    set."""
+    r = cfg.RETRIEVAL
+    if r.RERANK_POOLING != "sum" or not r.WHITEN_SUM_REGIONS or not r.WHITENING_DATASET:
+        return None
+    if r.WHITENING_DATASET == dataset:
+        logger.warning(
+            f"the region whitening is learned on {dataset!r}, the dataset searched: it leaks the "
+            "test images' statistics (RETRIEVAL.WHITENING_DATASET)"
+        )
+    return load_or_learn_region_whitening(extractor, r.WHITENING_DATASET, work_dir, cfg=cfg)
+
+
+def _region_pq(cfg, extractor, dataset, work_dir, whitening=None) -> RegionCompression:
     """The product-quantised region compression of ``RETRIEVAL.REGION_PQ``: learned on a sample
-    of ``dataset`` itself, or on ``REGION_PQ.DATASET``."""
+    of ``dataset`` itself, or on ``REGION_PQ.DATASET`` (on whitened vectors with
+    ``whitening``)."""
     r = cfg.RETRIEVAL
     if r.REGION_PCA_DIM:
         raise ValueError(
@@ -87,7 +122,15 @@ def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
             f"{source} cannot give RETRIEVAL.REGION_PQ.MIN_VECTORS ({r.REGION_PQ.MIN_VECTORS}) "
             "region vectors to learn a product quantiser on: region vectors are stored int8"
         )
-        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
+        if whitening is None:
+            return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
+        return RegionCompression(
+            r.REGION_NUM_PROPOSALS,
+            whitening.out_dim,
+            "int8",
+            mean=whitening.mean,
+            components=whitening.projection,
+        )
     return load_or_learn_region_pq(
         extractor,
         source,
@@ -97,6 +140,7 @@ def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
         r.REGION_NUM_PROPOSALS,
         sample_images=sample,
         min_vectors=r.REGION_PQ.MIN_VECTORS,
+        whitening=whitening,
         cfg=cfg,
     )
 
