@@ -208,7 +208,13 @@ def _extraction(args, default_layout_comp):
 
     photo = None
     if args.smvs and Path(args.smvs, "images").is_dir():
-        photo = sorted(p for p in Path(args.smvs, "images").rglob("*") if p.is_file())[0]
+        # a split view's images are links into the collection: walk through them
+        found = [
+            Path(d, f)
+            for d, _, files in os.walk(Path(args.smvs, "images"), followlinks=True)
+            for f in files
+        ]
+        photo = sorted(found)[0] if found else None
     rows = []
     for label, backbone, extra in BACKBONE_CASES:
         if args.backbones and backbone not in args.backbones:
