@@ -13,7 +13,7 @@ import torch
 
 from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from tests.common import REPO_ROOT, load_strict_json, tiny_model, written_out_ap
-from tools.benchmarks.real_photos import split_groups, targets
+from tools.benchmarks.real_photos import load_baseline, split_groups, targets
 
 TOP_N, QE_M = 4, 2
 
@@ -150,3 +150,30 @@ def test_targets_worked_out():
     assert rows["fine-tuned CS-SR + QE >= 75 mAP"] is True
     assert rows["CS-SR localisation mean IoU >= 0.6 (true positives in the top 10)"] is True
     assert rows["fine-tuned best stage > off-the-shelf best stage (mAP)"] is True  # 76 > 45.4
+
+
+def test_baseline_must_be_an_off_the_shelf_run_on_the_same_split(tmp_path):
+    off = {"filtering": {"mAP": 25.0}, "ca_sr": {"mAP": 44.0}}
+
+    def write(name, **report):
+        (tmp_path / name).write_text(json.dumps(report))
+        return str(tmp_path / name)
+
+    good = write("good.json", split="report", groups=["canon", "e63"], results=off)
+    assert load_baseline(good, "report", ["canon", "e63"]) == off
+    # the validation run's numbers must not judge a report run (nor other cameras)
+    with pytest.raises(ValueError, match=r"val\.json: measured on split 'val'"):
+        load_baseline(write("val.json", split="val", groups=["droid"], results=off), "report", [])
+    with pytest.raises(ValueError, match="groups"):
+        load_baseline(good, "report", ["canon"])
+    tuned = dict(off, cs_sr={"mAP": 60.0})
+    ft = write("ft.json", split="report", groups=["canon", "e63"], results=tuned)
+    with pytest.raises(ValueError, match=r"ft\.json: a fine-tuned run"):
+        load_baseline(ft, "report", ["canon", "e63"])
+    with pytest.raises(ValueError, match=r"bad\.json: no 'results'"):
+        load_baseline(write("bad.json", split="report"), "report", ["canon", "e63"])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match=r"broken\.json: cannot read"):
+        load_baseline(str(tmp_path / "broken.json"), "report", ["canon", "e63"])
+    with pytest.raises(ValueError, match="missing.json"):
+        load_baseline(str(tmp_path / "missing.json"), "report", ["canon", "e63"])
