@@ -174,9 +174,9 @@ def targets(results: dict, baseline: dict = None, ca_sr_qe_drops: int = None) ->
         best,
         passed,
         (
-            f"off the shelf: {base}"
+            f"off the shelf: {_fmt(base, 3)}"
             if base is not None
-            else "n/a: needs a fine-tuned model and " "--baseline"
+            else "n/a: needs a fine-tuned model and --baseline"
         ),
     )
     return rows
