@@ -1,7 +1,8 @@
-"""Interrupted and failing runs lose nothing: SIGKILL mid-index, disk full, atomic result files."""
+"""Indexing a collection (retrieval_ext.retrieval.indexing): interrupted and failing runs lose
+nothing (SIGKILL mid-index, disk full), an index of other weights or another config is refused,
+files of every kind are read or listed as failed, and a collection with nothing readable is a
+clear error."""
 
-import errno
-import importlib.util
 import json
 import os
 import signal
@@ -9,19 +10,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from retrieval_ext.retrieval.extractor import FeatureExtractor
-from retrieval_ext.retrieval.index_store import IndexReader, IndexWriteError
-from retrieval_ext.retrieval.indexing import build_index
+from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader, IndexWriteError
+from retrieval_ext.retrieval.indexing import build_index, open_index
 from retrieval_ext.retrieval.queries import extract_queries
-from retrieval_ext.utils.io import OutputWriteError, atomic_dir, atomic_write, atomic_write_json
-from tests.common import REPO_ROOT, tiny_cfg
-
-from .conftest import ZF_TINY, make_extractor, pattern_image, register, write_collection
+from tests.common import (
+    REPO_ROOT,
+    ZF_TINY,
+    assert_same_index,
+    broken_image_files,
+    enospc_on_replace,
+    make_extractor,
+    pattern_image,
+    register,
+    rotated_with_exif,
+    tiny_cfg,
+    tiny_model,
+    write_collection,
+)
 
 NUM_DB = 16
 
@@ -30,19 +41,6 @@ def _collection(root):
     db = {f"images/im{i:02d}.png": pattern_image(48 + 2 * i, 64, 10 + i) for i in range(NUM_DB)}
     db["images/zz_broken.jpg"] = b"not a jpeg"
     return write_collection(root, db, [("images/im00.png", [4, 4, 40, 40], "obj")])
-
-
-def _assert_same_index(a: IndexReader, b: IndexReader):
-    assert a.image_ids == b.image_ids and len(set(a.image_ids)) == len(a.image_ids)
-    assert a.manifest == b.manifest and a.failed == b.failed
-    for f in a.schema.image_fields:
-        np.testing.assert_allclose(
-            a.image_vectors(f.name), b.image_vectors(f.name), rtol=1e-5, atol=1e-6
-        )
-    for i in range(a.num_images):
-        ra, rb = a.regions(i), b.regions(i)
-        for k in ra:
-            np.testing.assert_allclose(ra[k], rb[k], rtol=1e-5, atol=1e-5, err_msg=k)
 
 
 def _shard_names(index_dir: Path):
@@ -113,18 +111,8 @@ def test_sigkill_during_indexing_then_rerun(zf, tmp_path, registered):
         dtype="float32",
         show_progress=False,
     )
-    _assert_same_index(resumed, reference)
-
-
-def _enospc_for(monkeypatch, predicate):
-    real = os.replace
-
-    def replace(src, dst, *a, **k):
-        if predicate(str(src), str(dst)):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
-        return real(src, dst, *a, **k)
-
-    monkeypatch.setattr(os, "replace", replace)
+    assert resumed.manifest == reference.manifest
+    assert_same_index(resumed, reference, rtol=1e-5, atol=1e-6, region_atol=1e-5)
 
 
 def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered, monkeypatch):
@@ -133,7 +121,7 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
     extractor = make_extractor(zf)
     index_dir = tmp_path / "index"
     # the second shard cannot be renamed into place: the disk is full
-    _enospc_for(monkeypatch, lambda src, dst: os.path.basename(dst) == "rank000-00001")
+    enospc_on_replace(monkeypatch, lambda src, dst: os.path.basename(dst) == "rank000-00001")
     with pytest.raises(IndexWriteError) as e:
         build_index(
             extractor, name, str(index_dir), shard_size=2, dtype="float32", show_progress=False
@@ -150,7 +138,8 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
     reference = build_index(
         extractor, name, str(tmp_path / "ref"), shard_size=7, dtype="float32", show_progress=False
     )
-    _assert_same_index(resumed, reference)
+    assert resumed.manifest == reference.manifest
+    assert_same_index(resumed, reference, rtol=1e-5, atol=1e-6, region_atol=1e-5)
 
     # an index under a regular file: a clear error, nothing else touched
     (tmp_path / "file").write_text("x")
@@ -158,100 +147,109 @@ def test_disk_full_while_indexing_keeps_what_is_stored(zf, tmp_path, registered,
         build_index(extractor, name, str(tmp_path / "file" / "index"), show_progress=False)
 
 
-def _load_retrieve_tool():
-    spec = importlib.util.spec_from_file_location(
-        "retrieve_tool", REPO_ROOT / "tools" / "retrieve.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_result_files_are_replaced_atomically(tmp_path, monkeypatch):
-    tool = _load_retrieve_tool()
-    cfg = tiny_cfg("ZF", ["OUTPUT_DIR", str(tmp_path), "RETRIEVAL.SAVE_TOP_K", "2"])
-    index = SimpleNamespace(num_images=3, image_ids=["a", "b", "c"])
-    queries = [{"image_id": "q"}]
-
-    def results(order):
-        r = SimpleNamespace(
-            order=np.array(order),
-            scores=np.array([0.9, 0.5, 0.1], np.float32),
-            boxes=np.zeros((3, 4), np.float32),
-        )
-        return {"filtering": [r]}
-
-    tool.save_rankings(cfg, index, queries, results([2, 0, 1]))
-    assert list(np.load(tmp_path / "rankings.npz")["filtering/image_ids"][0]) == ["c", "a"]
-    _enospc_for(monkeypatch, lambda src, dst: dst.endswith("rankings.npz"))
-    with pytest.raises(OutputWriteError) as e:
-        tool.save_rankings(cfg, index, queries, results([1, 2, 0]))
-    assert e.value.errno == errno.ENOSPC and "rankings.npz" in str(e.value)
-    assert "free disk space" in str(e.value) and "previous file is unchanged" in str(e.value)
-    monkeypatch.undo()
-    assert list(np.load(tmp_path / "rankings.npz")["filtering/image_ids"][0]) == ["c", "a"]
-    assert sorted(os.listdir(tmp_path)) == ["rankings.npz"]  # no temp file left
-
-
-def test_atomic_write_helpers(tmp_path):
-    target = tmp_path / "r\u00e9sultats 1.json"
-    atomic_write_json(target, {"mAP": 0.5, "name": "caf\u00e9"})
-    assert json.loads(target.read_text(encoding="utf-8")) == {"mAP": 0.5, "name": "caf\u00e9"}
-
-    def half_then_full(path):
-        with open(path, "w") as f:
-            f.write('{"mAP": 0.')
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OutputWriteError, match="No space left on device"):
-        atomic_write(target, half_then_full)
-    assert json.loads(target.read_text(encoding="utf-8"))["mAP"] == 0.5
-    assert os.listdir(tmp_path) == [target.name]
-    with pytest.raises(TypeError):  # unserialisable: raised before the disk is touched
-        atomic_write_json(target, {"x": object()})
-    assert json.loads(target.read_text(encoding="utf-8"))["mAP"] == 0.5
-
-    (tmp_path / "plain").write_text("x")
-    with pytest.raises(OutputWriteError) as e:
-        atomic_write_json(tmp_path / "plain" / "out" / "latency.json", {})
-    assert e.value.errno in (errno.ENOTDIR, errno.EEXIST) and "regular file" in str(e.value)
-
-    # a folder (the visualization gallery) is swapped in whole, or not at all
-    gallery = tmp_path / "vis"
-    with atomic_dir(gallery) as tmp:
-        Path(tmp, "index.html").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(gallery) as tmp:
-            Path(tmp, "index.html").write_text("new, half done")
-            raise RuntimeError("drawing failed")
-    assert (gallery / "index.html").read_text() == "old"
-    with atomic_dir(gallery) as tmp:
-        Path(tmp, "index.html").write_text("new")
-    assert os.listdir(gallery) == ["index.html"] and (gallery / "index.html").read_text() == "new"
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []
-
-
-def test_query_cache_is_rebuilt_when_corrupt_or_stale(zf, tmp_path, registered, logs):
-    img = pattern_image(40, 50, 1)
+def test_index_of_another_model_or_config_is_refused(zf, tmp_path, registered):
     root = write_collection(
-        tmp_path / "c", {"images/a.png": img}, [("images/a.png", [2, 2, 30, 30], "o")]
+        tmp_path / "c",
+        {f"images/{i}.png": pattern_image(40, 50, i) for i in range(3)},
+        [("images/0.png", [5, 5, 30, 30], "obj")],
     )
-    name = register(registered, "rel_cache", root)
+    name = register(registered, "rel_mismatch", root)
+    index_dir = str(tmp_path / "index")
+    build_index(make_extractor(zf), name, index_dir, show_progress=False)
+
+    other_weights = make_extractor(zf, model=tiny_model("ZF", seed=1))
+    with pytest.raises(IndexMismatchError) as e:
+        open_index(index_dir, other_weights, name)
+    assert e.value.keys == ["weights_hash"] and "weights_hash" in str(e.value)
+    with pytest.raises(IndexMismatchError, match="weights_hash"):  # no silent rebuild either
+        build_index(other_weights, name, index_dir, show_progress=False)
+
+    other_cfg = make_extractor(zf, ["INPUT.MIN_SIZE_TEST", "96"])
+    with pytest.raises(IndexMismatchError) as e:
+        open_index(index_dir, other_cfg, name)
+    assert e.value.keys == ["model_config"]
+    assert "MIN_SIZE_TEST: 128" in str(e.value) and "MIN_SIZE_TEST: 96" in str(e.value)
+    # the refused index is untouched and still opens with its own model
+    assert open_index(index_dir, make_extractor(zf), name).num_images == 3
+
+
+def test_indexing_a_collection_of_every_kind(zf, tmp_path, registered, logs):
+    upright = pattern_image(60, 90, 3)
+    readable = {
+        "images/a_upright.png": upright,
+        "images/b_exif_rotated.png": rotated_with_exif(upright),
+        "images/c_alpha.png": Image.fromarray(
+            np.dstack([upright, np.full(upright.shape[:2], 200, np.uint8)]), "RGBA"
+        ),
+        "images/d_gray.png": Image.fromarray(upright[..., 0], "L"),
+        "images/e_cmyk.jpg": Image.fromarray(upright).convert("CMYK"),
+        "images/f_16bit.png": Image.fromarray(upright[..., 1].astype(np.uint16) * 257),
+        "images/g_wide.png": pattern_image(10, 1000, 4),
+        "images/h_tiny.png": pattern_image(8, 8, 5),
+        "images/i caf\u00e9 \u540d.png": pattern_image(50, 70, 6),
+        "images/j_black.png": np.zeros((40, 40, 3), np.uint8),
+    }
+    broken = {f"images/x_{k}": v for k, v in broken_image_files().items()}
+    root = write_collection(
+        tmp_path / "every",
+        {**readable, **broken},
+        [("images/b_exif_rotated.png", [10, 5, 60, 40], "thing")],
+    )
+    name = register(registered, "rel_every", root)
     extractor = make_extractor(zf)
-    cache_dir = tmp_path / "cache"
-    (first,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
-    (cache,) = list(cache_dir.glob("queries-*.npz"))
-    (cached,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
-    np.testing.assert_array_equal(cached["crop_max"], first["crop_max"])
+    index = build_index(
+        extractor, name, str(tmp_path / "index"), shard_size=3, dtype="float32", show_progress=False
+    )
 
-    cache.write_bytes(b"PK\x03\x04 torn by an old, non-atomic writer")
-    (again,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
-    np.testing.assert_array_equal(again["crop_max"], first["crop_max"])
-    assert any("ignoring the unreadable query cache" in w for w in logs.warnings())
-    np.load(cache)  # rewritten whole
+    stored = [rel.rsplit(".", 1)[0] for rel in sorted(readable)]
+    assert index.image_ids == stored
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text(encoding="utf-8"))
+    # every unreadable file is listed, with its reason; the loader names them with extension
+    failed = manifest["failed"]
+    assert len(failed) == len(broken)
+    for rel in broken:
+        key = rel if rel in failed else rel.rsplit(".", 1)[0]
+        assert key in failed and failed[key]
+    # ... and named in exactly one warning
+    warnings = logs.warnings()
+    for rel in broken:
+        stem = rel.rsplit(".", 1)[0]
+        assert sum(stem in w for w in warnings) == 1, (rel, warnings)
 
-    # same image id, another box: the cache must not answer
-    write_collection(root, {}, [("images/a.png", [10, 10, 40, 35], "o")])
-    register(registered, name, root)
-    (moved,) = extract_queries(extractor, name, cache_dir=str(cache_dir))
-    np.testing.assert_array_equal(moved["box"], [10, 10, 40, 35])
+    # EXIF orientation is applied: the rotated copy gives the upright image's features and boxes
+    a, b = index.index_of("images/a_upright"), index.index_of("images/b_exif_rotated")
+    assert (index.image_field(b, "height"), index.image_field(b, "width")) == (60, 90)
+    np.testing.assert_allclose(
+        index.image_vectors("ipa_sum")[b], index.image_vectors("ipa_sum")[a], rtol=1e-6
+    )
+    np.testing.assert_array_equal(index.regions(b)["boxes"], index.regions(a)["boxes"])
+    # every stored box lies inside its image (original pixels, oriented frame)
+    for i in range(index.num_images):
+        boxes = index.regions(i)["boxes"]
+        h, w = index.image_field(i, "height"), index.image_field(i, "width")
+        assert np.all(np.isfinite(index.image_vectors("ipa_sum")[i]))
+        assert len(boxes) > 0 and (boxes >= 0).all()
+        assert (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+
+    # the query on the EXIF-rotated file, box in the displayed frame, equals the upright query
+    (q,) = extract_queries(extractor, name)
+    ref = extractor.query_record_from_image(upright[..., ::-1].copy(), [10, 5, 60, 40])  # BGR
+    for k in ("ipa_sum", "crop_max", "rpa_max", "box"):
+        np.testing.assert_allclose(q[k], ref[k], rtol=1e-5, atol=1e-5)
+
+    # a rerun reuses the complete index, listing the same failures
+    again = build_index(
+        extractor, name, str(tmp_path / "index"), dtype="float32", show_progress=False
+    )
+    assert again.image_ids == stored and again.failed == index.failed
+
+
+def test_no_readable_database_image_is_a_clear_error(zf, tmp_path, registered):
+    root = write_collection(
+        tmp_path / "none",
+        {"images/a.jpg": b"", "images/b.jpg": b"<html></html>", "q.png": pattern_image(30, 30, 0)},
+        [("q.png", [1, 1, 20, 20], "x")],
+    )
+    name = register(registered, "rel_none", root)
+    with pytest.raises(ValueError, match=r"none of the 2 database images of rel_none_db"):
+        build_index(make_extractor(zf), name, str(tmp_path / "i"), show_progress=False)
