@@ -57,7 +57,8 @@ def _rank(scores):
 
 def _searcher(index, top_n, qe_m, zf):
     # plain average QE (the paper; QE_GATE_Z 0), which the brute force below writes out
-    opts = ["RETRIEVAL.TOP_N", str(top_n), "RETRIEVAL.QE_M", str(qe_m), "RETRIEVAL.QE_GATE_Z", "0.0"]
+    opts = ["RETRIEVAL.TOP_N", str(top_n), "RETRIEVAL.QE_M", str(qe_m)]
+    opts += ["RETRIEVAL.QE_GATE_Z", "0.0"]
     cfg = make_extractor(zf, opts).cfg
     return IndexSearcher(cfg, index, None)
 

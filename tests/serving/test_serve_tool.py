@@ -4,8 +4,7 @@ import importlib.util
 
 import pytest
 
-from tests.common import REPO_ROOT
-from tests.serving.conftest import make_cfg
+from tests.common import REPO_ROOT, make_cfg
 
 
 def _serve_module():
