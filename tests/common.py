@@ -6,6 +6,7 @@ tests/conftest.py.
 """
 
 import errno
+import importlib.util
 import io
 import json
 import os
@@ -41,6 +42,16 @@ def make_cfg(config_file=None, opts=(), freeze=True):
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def load_tool(name):
+    """The module of script ``tools/<name>.py``, loaded from its file (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(name="R50-C4", opts=()):

@@ -2,7 +2,6 @@
 tests/retrieval/test_retrieve_tool.py)."""
 
 import errno
-import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -10,20 +9,11 @@ import numpy as np
 import pytest
 
 from retrieval_ext.utils.io import OutputWriteError
-from tests.common import REPO_ROOT, enospc_on_replace, tiny_cfg
-
-
-def _load_retrieve_tool():
-    spec = importlib.util.spec_from_file_location(
-        "retrieve_tool", REPO_ROOT / "tools" / "retrieve.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.common import enospc_on_replace, load_tool, tiny_cfg
 
 
 def test_result_files_are_replaced_atomically(tmp_path, monkeypatch):
-    tool = _load_retrieve_tool()
+    tool = load_tool("retrieve")
     cfg = tiny_cfg("ZF", ["OUTPUT_DIR", str(tmp_path), "RETRIEVAL.SAVE_TOP_K", "2"])
     index = SimpleNamespace(num_images=3, image_ids=["a", "b", "c"])
     queries = [{"image_id": "q"}]
