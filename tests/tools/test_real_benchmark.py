@@ -9,10 +9,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-from tests.common import REPO_ROOT, load_strict_json, tiny_model, written_out_ap
+from tests.common import REPO_ROOT, ZF_TINY, load_strict_json, write_benchmark, written_out_ap
 from tools.benchmarks.real_photos import load_baseline, split_groups, targets
 
 TOP_N, QE_M = 4, 2
@@ -39,20 +37,17 @@ def _regroup(root):
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, zf):
     tmp = tmp_path_factory.mktemp("real")
     root = tmp / "photos"
-    generate_synthetic_benchmark(
-        str(root), num_instances=2, queries_per_instance=2, num_db=12, short_side=96, seed=3
-    )
+    write_benchmark(root, num_instances=2, queries_per_instance=2, num_db=12, seed=3)
     relevance = _regroup(root)
     (tmp / "boxes.json").write_text(json.dumps(relevance))
-    torch.save({"model": tiny_model("ZF").state_dict()}, tmp / "zf.pth")
     out = tmp / "out"
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "benchmark.py"), "real", "--data", root]
     cmd += ["--boxes", tmp / "boxes.json", "--split", "val", "--val-groups", "camA"]
-    cmd += ["--config-file", REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"]
-    cmd += ["--weights", tmp / "zf.pth", "--output-dir", out]
+    cmd += ["--config-file", ZF_TINY]
+    cmd += ["--weights", zf["weights"], "--output-dir", out]
     cmd += ["RETRIEVAL.TOP_N", TOP_N, "RETRIEVAL.QE_M", QE_M]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
