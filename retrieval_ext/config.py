@@ -264,7 +264,7 @@ def add_retrieval_config(cfg):
     _C.RETRIEVAL.REGION_PCA_DIM = 0
     _C.RETRIEVAL.REGION_PCA_DATASET = ""
     # storage of the region vectors: "pq" (REGION_PQ below: M bytes per vector, scored from the
-    # codes; chosen on validation data, BENCHMARKS.md section 9), "int8" (unit vectors scaled to
+    # codes; chosen on validation data, BENCHMARKS.md section 10), "int8" (unit vectors scaled to
     # +-127 per proposal; 4x smaller than float32 for 0.01 mAP points), "float16", "float32", or
     # "" (uncompressed, INDEX_DTYPE). A collection too small to learn a quantiser on
     # (REGION_PQ.MIN_VECTORS) stores int8.

@@ -1,15 +1,26 @@
-"""Helpers shared by the tests: tiny configs and models, synthetic inputs, fixture paths."""
+"""Helpers shared by the tests: tiny configs, models and checkpoints, synthetic inputs and
+collections, fixture paths, and the assertions and written-out references several tests use.
 
+The fixtures built on them (a tiny ZF checkpoint, dataset registration, log capture) are in
+tests/conftest.py.
+"""
+
+import errno
+import importlib.util
+import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from PIL import Image
 
 import retrieval_ext  # noqa: F401  registers models and datasets
 from retrieval_ext.config import add_retrieval_config
+from retrieval_ext.data.datasets import register_custom_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -17,14 +28,35 @@ CONFIGS = REPO_ROOT / "configs"
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 
-def tiny_cfg(name="R50-C4", opts=()):
-    """A frozen config from configs/quick_schedules/<name>-tiny.yaml plus ``opts``."""
+ZF_TINY = str(CONFIGS / "quick_schedules" / "ZF-tiny.yaml")
+
+
+def make_cfg(config_file=None, opts=(), freeze=True):
+    """A retrieval_ext config as the tools build it: defaults, ``config_file`` (if any), then
+    ``opts`` (KEY VALUE ...); frozen unless ``freeze`` is False."""
     cfg = get_cfg()
     add_retrieval_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / "quick_schedules" / f"{name}-tiny.yaml"))
+    if config_file is not None:
+        cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(list(opts))
-    cfg.freeze()
+    if freeze:
+        cfg.freeze()
     return cfg
+
+
+def load_tool(name):
+    """The module of script ``tools/<name>.py``, loaded from its file (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_tool", REPO_ROOT / "tools" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_cfg(name="R50-C4", opts=()):
+    """A frozen config from configs/quick_schedules/<name>-tiny.yaml plus ``opts``."""
+    return make_cfg(CONFIGS / "quick_schedules" / f"{name}-tiny.yaml", opts)
 
 
 def tame_rpn(model):
@@ -49,10 +81,176 @@ def tiny_model(name="R50-C4", opts=(), seed=0):
     return tame_rpn(model).eval()
 
 
+def save_checkpoint(model, path):
+    """Saves ``model``'s weights as a checkpoint file that MODEL.WEIGHTS loads; returns the path
+    (str)."""
+    torch.save({"model": model.state_dict()}, path)
+    return str(path)
+
+
+def make_extractor(zf, opts=(), model=None):
+    """A FeatureExtractor on the ``zf`` fixture's weights (tests/conftest.py), with ZF-tiny plus
+    ``opts``; its model is reused (or ``model``), not reloaded from the checkpoint."""
+    from retrieval_ext.retrieval.extractor import FeatureExtractor
+
+    cfg = tiny_cfg("ZF", list(zf["opts"]) + list(opts))
+    return FeatureExtractor(cfg, model=model if model is not None else zf["model"])
+
+
 def random_image(height, width, seed=0):
     """A ``(3, H, W)`` float tensor with 0..255 values, as detectron2 models take."""
     rng = np.random.default_rng(seed)
     return torch.as_tensor(rng.integers(0, 256, (3, height, width)).astype(np.float32))
+
+
+def pattern_image(h, w, seed):
+    """A deterministic (h, w, 3) uint8 RGB picture with structure (gradients + blocks)."""
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack(
+        [(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) % 64) * 4], -1
+    ).astype(np.uint8)
+    for _ in range(3):
+        y0, x0 = rng.randint(0, max(h - 8, 1)), rng.randint(0, max(w - 8, 1))
+        img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.randint(0, 256, 3)
+    return img
+
+
+def write_collection(root, db, queries, relevance=None):
+    """Writes a custom-format collection (see datasets/README.md).
+
+    Args:
+        root: the folder.
+        db: {relative path under root: RGB array, PIL image or raw bytes}.
+        queries: [(relative path from root, box, object)]; the image must exist (write it
+            through ``db``).
+        relevance: optional relevance.json content.
+
+    Returns:
+        Path: root.
+    """
+    root = Path(root)
+    for rel, content in db.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, Image.Image):
+            content.save(path)
+        else:
+            Image.fromarray(content).save(path)
+    entries = [{"image": im, "box": list(box), "object": obj} for im, box, obj in queries]
+    (root / "queries.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    if relevance is not None:
+        (root / "relevance.json").write_text(json.dumps(relevance), encoding="utf-8")
+    return root
+
+
+def write_benchmark(
+    root, num_instances=2, queries_per_instance=2, num_db=6, short_side=96, seed=3, **kwargs
+):
+    """A tiny synthetic benchmark (custom format) under ``root``: by default 2 objects, 4 queries
+    and 6 database images of 96 px, seconds to index with ZF-tiny on a CPU. Returns the
+    generator's summary."""
+    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
+
+    return generate_synthetic_benchmark(
+        str(root),
+        num_instances=num_instances,
+        queries_per_instance=queries_per_instance,
+        num_db=num_db,
+        short_side=short_side,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def register(registered, name, root):
+    """Registers the custom collection at ``root`` as ``name``; the ``registered`` fixture
+    (tests/conftest.py) unregisters it after the test."""
+    register_custom_dataset(name, str(root))
+    registered.append(name)
+    return name
+
+
+def assert_same_index(a, b, rtol=None, atol=0.0, region_atol=None):
+    """Two indexes (IndexReader) hold the same images, in the same order, with the same failures,
+    and the same stored arrays (per-image fields and every region array of every image): byte
+    for byte, or within ``rtol`` / ``atol`` when ``rtol`` is given (indexes built in other
+    processes or with other shard boundaries; ``region_atol``, default ``atol``, for the region
+    arrays)."""
+    assert a.image_ids == b.image_ids and len(set(a.image_ids)) == len(a.image_ids)
+    assert a.failed == b.failed
+    fields = [f.name for f in a.schema.image_fields]
+    assert fields == [f.name for f in b.schema.image_fields]
+
+    def same(x, y, what, tol):
+        assert x.dtype == y.dtype and x.shape == y.shape, what
+        if rtol is None:
+            assert x.tobytes() == y.tobytes(), what
+        else:
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=tol, err_msg=str(what))
+
+    for f in fields:
+        same(a.image_vectors(f, dtype=None), b.image_vectors(f, dtype=None), f, atol)
+    region_atol = atol if region_atol is None else region_atol
+    for i in range(a.num_images):
+        ra, rb = a.regions(i), b.regions(i)
+        assert ra.keys() == rb.keys(), a.image_ids[i]
+        for f in ra:
+            same(ra[f], rb[f], (a.image_ids[i], f), region_atol)
+
+
+def enospc_on_replace(monkeypatch, predicate):
+    """Makes ``os.replace(src, dst)`` fail with ENOSPC (disk full) when ``predicate(src, dst)``
+    holds: the step where atomic writers move a finished file into place."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if predicate(str(src), str(dst)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def png_bytes(img, **kw):
+    """The PNG file of a PIL image (``kw``: PIL's save options, e.g. ``exif``)."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def jpeg_bytes(arr, quality=95):
+    """The JPEG file of an RGB array."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def rotated_with_exif(upright):
+    """PNG whose stored pixels are ``upright`` turned 90 degrees counter-clockwise, with EXIF
+    orientation 6 ("rotate 90 clockwise to display"): it displays as ``upright``."""
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    return png_bytes(Image.fromarray(np.rot90(upright, k=1).copy()), exif=exif)
+
+
+def broken_image_files():
+    """{file name: bytes} of files no image reader can decode, as found in real collections."""
+    good = jpeg_bytes(pattern_image(64, 64, 0))
+    sof = good.find(b"\xff\xc0")
+    corrupt = bytearray(good)
+    corrupt[sof : sof + 12] = bytes(range(12))  # the frame header (size, components) destroyed
+    return {
+        "truncated.jpg": good[: len(good) // 3],  # header intact, scan data cut
+        "corrupt.jpg": bytes(corrupt),
+        "empty.jpg": b"",
+        "page.jpg": b"<html><body>302 Found</body></html>",  # Paris 6k's corrupt files
+    }
 
 
 def written_out_ap(ranked_ids, positives, junk):

@@ -12,16 +12,9 @@ from detectron2.modeling import build_model
 
 from retrieval_ext.config import DeviceUnavailableError, add_retrieval_config, check_device
 from retrieval_ext.modeling import RetrievalRCNN
-from tests.common import CONFIGS, REPO_ROOT
+from tests.common import CONFIGS, REPO_ROOT, ZF_TINY, make_cfg, write_benchmark
 
 ALL_YAMLS = sorted(p for p in CONFIGS.rglob("*.yaml"))
-
-
-def _load(path):
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    cfg.merge_from_file(str(path))
-    return cfg
 
 
 def test_there_are_configs_for_every_backbone():
@@ -34,7 +27,7 @@ def test_there_are_configs_for_every_backbone():
 @pytest.mark.parametrize("path", ALL_YAMLS, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_config_merges_and_builds(path):
     """...with no device override: a config that names no device runs where it is loaded."""
-    cfg = _load(path)
+    cfg = make_cfg(path, freeze=False)
     assert check_device(cfg) in ("cpu", "cuda")
     assert cfg.MODEL.DEVICE == "cpu" or torch.cuda.is_available()
     if cfg.MODEL.META_ARCHITECTURE != "RetrievalRCNN":
@@ -51,6 +44,16 @@ def test_unknown_key_is_rejected():
     add_retrieval_config(cfg)
     with pytest.raises(AssertionError, match="Non-existent key: MODEL.RETRIEVAL.NUM_PROPOSAL"):
         cfg.merge_from_list(["MODEL.RETRIEVAL.NUM_PROPOSAL", 10])
+
+
+def test_config_key_typo_is_detectron2s_error(tmp_path):
+    # yacs' own messages, naming the key (command-line opts: an AssertionError)
+    with pytest.raises(AssertionError, match="Non-existent key: RETRIEVAL.TOPN"):
+        make_cfg(ZF_TINY, ["RETRIEVAL.TOPN", "5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{ZF_TINY}"\nRETRIEVAL:\n  SHARDSIZE: 2\n')
+    with pytest.raises(KeyError, match="Non-existent config key: RETRIEVAL.SHARDSIZE"):
+        make_cfg(bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,12 +95,7 @@ def test_api_refuses_cuda_without_cuda_before_loading(monkeypatch, tmp_path):
 def test_tool_runs_a_shipped_config_without_device_override(tmp_path):
     """tools/retrieve.py with configs/Base-EfficientNet-Lite0.yaml on a machine without CUDA
     (CUDA hidden): indexes on the CPU; asking for cuda stops with one line, no traceback."""
-    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-
-    generate_synthetic_benchmark(
-        str(tmp_path / "synthetic"), num_instances=2, queries_per_instance=1, num_db=3,
-        short_side=96, seed=3,
-    )  # fmt: skip
+    write_benchmark(tmp_path / "synthetic", num_instances=2, queries_per_instance=1, num_db=3)
     env = dict(
         os.environ,
         DETECTRON2_DATASETS=str(tmp_path),

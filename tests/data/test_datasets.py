@@ -7,7 +7,6 @@ Expected values are derived here from the raw files, independently of the loader
 
 import io
 import json
-import logging
 import os
 import pickle
 import re
@@ -28,7 +27,6 @@ from retrieval_ext.data.datasets import (
     load_revisited,
     register_custom_dataset,
     register_retrieval_dataset,
-    unregister_retrieval_dataset,
 )
 from retrieval_ext.data.datasets.builtin import BUILTIN_RETRIEVAL_DATASETS, register_all_retrieval
 from retrieval_ext.data.datasets.common import get_datasets_root
@@ -60,28 +58,6 @@ def _write_image(path, w, h, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arr = np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8)
     Image.fromarray(arr).save(path)
-
-
-@pytest.fixture
-def capture(caplog):
-    """caplog that also sees records of loggers that do not propagate (setup_logger does that)."""
-    logger = logging.getLogger("retrieval_ext")
-    propagate = logger.propagate
-    logger.propagate = False  # the handler below sees each record once
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING)
-    yield caplog
-    logger.removeHandler(caplog.handler)
-    logger.propagate = propagate
-
-
-@pytest.fixture
-def registry():
-    """Names registered by a test; unregistered afterwards."""
-    names = []
-    yield names
-    for n in names:
-        unregister_retrieval_dataset(n)
 
 
 # ----------------------------------------------------------------------------- Paris 6k (real gt)
@@ -127,7 +103,7 @@ def paris_root(tmp_path_factory):
     return str(root)
 
 
-def test_paris_txt_counts_and_corrupt_warning(paris_root, capture):
+def test_paris_txt_counts_and_corrupt_warning(paris_root, logs):
     data = load_oxford_paris(paris_root, "paris6k", gt_format="txt")
     gt = _paris_txt_gt()
     landmarks = sorted({lm for lm, _ in gt})
@@ -139,9 +115,9 @@ def test_paris_txt_counts_and_corrupt_warning(paris_root, capture):
     assert [d["db_index"] for d in data.db] == list(range(len(data.db)))
     assert not {d["image_id"] for d in data.db} & set(CORRUPT)
 
-    warnings = [r for r in capture.records if "skipped" in r.getMessage()]
+    warnings = [m for m in logs.warnings() if "skipped" in m]
     assert len(warnings) == 1
-    assert all(name in warnings[0].getMessage() for name in CORRUPT)
+    assert all(name in warnings[0] for name in CORRUPT)
 
     names = [d["image_id"] for d in data.db]
     for i, q in enumerate(data.query):
@@ -235,11 +211,11 @@ def oxford_root(tmp_path_factory):
     return str(root), gt
 
 
-def test_oxford_pkl_and_txt(oxford_root, capture):
+def test_oxford_pkl_and_txt(oxford_root, logs):
     root, gt = oxford_root
     pkl = load_oxford_paris(root, "oxford5k", gt_format="pkl")
     txt = load_oxford_paris(root, "oxford5k", gt_format="txt")
-    assert not capture.records  # no corrupt or missing image in this fixture
+    assert not logs.warnings()  # no corrupt or missing image in this fixture
     assert [d["image_id"] for d in pkl.db] == list(gt["imlist"])
     assert len(pkl.db) == 5063 and len(pkl.query) == 55 and len(pkl.finetune) == 110
     assert pkl.metadata["thing_classes"] == OXFORD_LANDMARKS
@@ -356,7 +332,7 @@ def test_revisited_loader(tmp_path):
     assert (data.finetune[0]["height"], data.finetune[0]["width"]) == (40, 60)
 
 
-def test_revisited_missing_image_and_distractors(tmp_path, capture):
+def test_revisited_missing_image_and_distractors(tmp_path, logs):
     root, imlist, qimlist, gnd = _revisited_fixture(tmp_path, missing=("oxford_000100",))
     dis = tmp_path / "revisitop1m"
     (dis / "jpg" / "a").mkdir(parents=True)
@@ -371,7 +347,7 @@ def test_revisited_missing_image_and_distractors(tmp_path, capture):
     assert data.metadata["gnd"][0] == {"easy": [0], "hard": [], "junk": [4]}
     assert data.metadata["gnd"][1] == {"easy": [3], "hard": [4], "junk": []}
     assert data.metadata["gnd"][2] == {"easy": [1, 2], "hard": [], "junk": [0]}
-    msgs = [r.getMessage() for r in capture.records]
+    msgs = logs.warnings()
     assert len(msgs) == 1 and "oxford_000100" in msgs[0]
     with pytest.raises(FileNotFoundError, match="revisitop1m.txt"):
         load_revisited(str(root), "roxford5k", with_distractors=True, distractors_root=str(root))
@@ -543,10 +519,10 @@ def test_custom_relevance_typos_are_refused_by_name(tmp_path):
 
 
 # ----------------------------------------------------------------------------- registration
-def test_register_custom_is_lazy_and_sets_metadata(tmp_path, registry):
+def test_register_custom_is_lazy_and_sets_metadata(tmp_path, registered):
     root = tmp_path / "later"
     register_custom_dataset("test_custom_lazy", str(root))  # nothing exists yet: no error
-    registry.append("test_custom_lazy")
+    registered.append("test_custom_lazy")
     for view in ("db", "query", "finetune"):
         assert f"test_custom_lazy_{view}" in DatasetCatalog.list()
         meta = MetadataCatalog.get(f"test_custom_lazy_{view}")
@@ -573,7 +549,7 @@ def test_register_custom_is_lazy_and_sets_metadata(tmp_path, registry):
     assert MetadataCatalog.get("test_custom_lazy_db").has_ground_truth is False
 
 
-def test_register_retrieval_dataset_with_own_loader(tmp_path, registry):
+def test_register_retrieval_dataset_with_own_loader(tmp_path, registered):
     calls = []
 
     def loader(root):
@@ -582,7 +558,7 @@ def test_register_retrieval_dataset_with_own_loader(tmp_path, registry):
 
     root = _custom_fixture(tmp_path)
     register_retrieval_dataset("test_own", loader, str(root))
-    registry.append("test_own")
+    registered.append("test_own")
     assert calls == []
     db = DatasetCatalog.get("test_own_db")
     db[0]["image_id"] = "edited"  # callers get copies

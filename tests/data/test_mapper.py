@@ -1,5 +1,12 @@
-"""RetrievalDatasetMapper: EXIF orientation, query crops, deterministic flips, unreadable files."""
+"""RetrievalDatasetMapper and read_image: EXIF orientation, query crops, deterministic flips,
+unreadable files, and images of every kind (alpha, grayscale, CMYK, 16 bit, odd sizes and names).
 
+Expected pixels of the read_image tests are computed here from the values written (alpha
+compositing written out, 16-bit scaling written out, the EXIF rotation as a numpy rotation),
+never read back from the code.
+"""
+
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +17,8 @@ from PIL import Image
 
 from retrieval_ext.data import RetrievalDatasetMapper, UnreadableImageError
 from retrieval_ext.data.datasets.common import image_size, make_finetune_dicts
+from retrieval_ext.data.mapper import read_image
+from tests.common import broken_image_files, pattern_image, rotated_with_exif, tiny_cfg
 
 
 def _png(path, w, h, seed=0):
@@ -236,3 +245,96 @@ def test_camera_options_from_config(tmp_path):
         assert opts["background"].files == [str(path)]
     finally:
         DatasetCatalog.remove("bgtest_db")
+
+
+# ------------------------------------------------------------------------------ read_image
+def test_unreadable_files_raise_naming_the_file(tmp_path):
+    for name, data in list(broken_image_files().items()):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(UnreadableImageError) as e:
+            read_image(str(path), "BGR")
+        assert e.value.file_name == str(path) and name in str(e.value)
+    with pytest.raises(UnreadableImageError, match="missing.png"):
+        read_image(str(tmp_path / "missing.png"), "BGR")
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    # one row: transparent red, opaque blue, half-transparent green (alpha 128)
+    rgba = np.array([[[255, 0, 0, 0], [0, 0, 255, 255], [0, 200, 0, 128]]], dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    a = 128 / 255
+    expected = np.array(
+        [[[255, 255, 255], [0, 0, 255], [255 * (1 - a), 200 * a + 255 * (1 - a), 255 * (1 - a)]]]
+    )
+    got = read_image(str(tmp_path / "a.png"), "RGB")
+    np.testing.assert_allclose(got, expected, atol=1)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "a.png"), "BGR"), got[..., ::-1])
+
+    # gray + alpha, and a palette with a transparent entry
+    Image.fromarray(np.array([[[10, 0], [10, 255]]], np.uint8), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(
+        read_image(str(tmp_path / "la.png"), "RGB"), [[[255, 255, 255], [10, 10, 10]]]
+    )
+    p = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    p.putpalette([0, 0, 0, 30, 60, 90] + [0] * 762)
+    p.save(tmp_path / "p.png", transparency=0)
+    np.testing.assert_array_equal(
+        read_image(str(tmp_path / "p.png"), "RGB"), [[[255, 255, 255], [30, 60, 90]]]
+    )
+
+
+def test_grayscale_cmyk_and_16_bit(tmp_path):
+    gray = np.arange(0, 240, 20, dtype=np.uint8).reshape(3, 4)
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    got = read_image(str(tmp_path / "g.png"), "BGR")
+    assert got.shape == (3, 4, 3) and got.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(got[..., c], gray)
+
+    # CMYK JPEG of flat colours: cyan -> (0, 255, 255), magenta -> (255, 0, 255), black
+    cmyk = np.zeros((16, 48, 4), np.uint8)
+    cmyk[:, :16, 0] = 255
+    cmyk[:, 16:32, 1] = 255
+    cmyk[:, 32:, 3] = 255
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.jpg", quality=100)
+    got = read_image(str(tmp_path / "c.jpg"), "RGB").astype(int)
+    for cols, rgb in (
+        (slice(2, 14), (0, 255, 255)),
+        (slice(18, 30), (255, 0, 255)),
+        (slice(34, 46), (0, 0, 0)),
+    ):
+        np.testing.assert_allclose(
+            got[2:14, cols], np.broadcast_to(rgb, got[2:14, cols].shape), atol=4
+        )
+
+    # 16-bit grayscale: v -> round(v / 257), so 65535 is white and 257 is 1, not clipped at 255
+    g16 = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    got = read_image(str(tmp_path / "g16.png"), "RGB")
+    np.testing.assert_array_equal(got[..., 0], [[0, 1, 128, 255]])
+    # 16-bit colour PNG (written by OpenCV, BGR order): the high byte of each channel
+    c16 = np.array([[[65535, 0, 4660], [256, 512, 65280]]], dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "c16.png"), c16)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "c16.png"), "BGR"), c16 >> 8)
+
+
+def test_exif_orientation_and_odd_sizes_and_names(tmp_path):
+    upright = pattern_image(20, 36, 1)
+    (tmp_path / "r.png").write_bytes(rotated_with_exif(upright))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "r.png"), "RGB"), upright)
+
+    odd = tmp_path / "caf\u00e9 \u540d\u524d 1.png"  # non-ASCII and spaces
+    Image.fromarray(upright).save(odd)
+    np.testing.assert_array_equal(read_image(str(odd), "RGB"), upright)
+
+    # resize of extreme sizes under ZF-tiny (MIN_SIZE_TEST 128, MAX_SIZE_TEST 224):
+    # 8 x 8 -> 128 x 128; 200 high x 20000 wide -> scale 128/200 gives 12800 wide > 224, so
+    # scale 224/20000: 200 * 224 / 20000 = 2.24 -> 2 rows, 224 columns
+    mapper = RetrievalDatasetMapper(tiny_cfg("ZF"), is_train=False)
+    for (h, w), shape in (((8, 8), (3, 128, 128)), ((200, 20000), (3, 2, 224))):
+        path = tmp_path / f"s{h}x{w}.png"
+        Image.fromarray(pattern_image(h, w, 2)).save(path)
+        out = mapper({"file_name": str(path), "image_id": path.stem})
+        assert (out["height"], out["width"]) == (h, w) and tuple(out["image"].shape) == shape

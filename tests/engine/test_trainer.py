@@ -16,15 +16,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.env import seed_all_rng
 
-from retrieval_ext.config import add_retrieval_config
 from retrieval_ext.data.datasets import register_custom_dataset, unregister_retrieval_dataset
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.engine import RetrievalTrainer, setup_finetune_cfg
-from tests.common import CONFIGS, REPO_ROOT
+from tests.common import CONFIGS, REPO_ROOT, make_cfg, write_benchmark
 from tests.engine.test_freeze import EXACT, PREFIXES
 
 NAME = "ft_test_bench"
@@ -36,21 +33,16 @@ ALL_STAGES = {"filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finetune")
-    generate_synthetic_benchmark(
-        str(tmp / "bench"),
+    write_benchmark(
+        tmp / "bench",
         num_instances=NUM_INSTANCES,
         queries_per_instance=QUERIES_PER_INSTANCE,
         num_db=6,
         short_side=112,
         seed=1,
     )
-    generate_synthetic_benchmark(
-        str(tmp / "whiten"),
-        num_instances=1,
-        queries_per_instance=1,
-        num_db=5,
-        short_side=112,
-        seed=7,
+    write_benchmark(
+        tmp / "whiten", num_instances=1, queries_per_instance=1, num_db=5, short_side=112, seed=7
     )
     register_custom_dataset(NAME, str(tmp / "bench"))
     # the first query, plain and flipped: both images of every batch of 2, so the loss can be
@@ -65,11 +57,11 @@ def bench(tmp_path_factory):
 
 
 def _cfg(backbone, opts):
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    cfg.merge_from_file(str(CONFIGS / "quick_schedules" / f"{backbone}-tiny.yaml"))
-    cfg.merge_from_list(["MODEL.FINETUNE.DATASET", NAME, "INPUT.RANDOM_FLIP", "none"] + opts)
-    return cfg
+    return make_cfg(
+        CONFIGS / "quick_schedules" / f"{backbone}-tiny.yaml",
+        ["MODEL.FINETUNE.DATASET", NAME, "INPUT.RANDOM_FLIP", "none"] + opts,
+        freeze=False,
+    )
 
 
 def test_setup_finetune_cfg_follows_the_query_objects(bench):
@@ -318,9 +310,7 @@ def test_evaluator_follows_the_metadata_evaluator_type(bench, tmp_path):
     from retrieval_ext.data.datasets import register_retrieval_dataset
     from retrieval_ext.evaluation.retrieval_evaluator import RetrievalEvaluator
 
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    cfg.OUTPUT_DIR = str(tmp_path)
+    cfg = make_cfg(opts=["OUTPUT_DIR", str(tmp_path)], freeze=False)
     ev = RetrievalTrainer.build_evaluator(cfg, f"{NAME}_query")
     assert isinstance(ev, RetrievalEvaluator) and ev.dataset == NAME
     # the views of a retrieval dataset whose metadata names no evaluator

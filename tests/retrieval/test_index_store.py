@@ -27,6 +27,7 @@ from retrieval_ext.retrieval.index_store import (
     check_manifest_compatible,
     default_schema,
 )
+from tests.common import assert_same_index
 
 # Shared by the test process and the SIGKILL child (exec'd in both), so both build the very same
 # records. Every 4th image has no proposals.
@@ -97,20 +98,6 @@ def assert_matches_records(reader, records, dtype):
             assert regions[f].dtype == want.dtype, (image_id, f)
             assert regions[f].shape == want.shape, (image_id, f)
             assert regions[f].tobytes() == want.tobytes(), (image_id, f)
-
-
-def assert_same_index(a, b):
-    """Two indexes hold the same images in the same order, byte for byte per image."""
-    assert a.image_ids == b.image_ids
-    assert a.failed == b.failed
-    for f in ("ipa_sum", "ipa_max", "height", "width"):
-        assert a.image_vectors(f, dtype=None).tobytes() == b.image_vectors(f, dtype=None).tobytes()
-    for i in range(a.num_images):
-        ra, rb = a.regions(i), b.regions(i)
-        assert ra.keys() == rb.keys()
-        for f in ra:
-            assert ra[f].dtype == rb[f].dtype and ra[f].shape == rb[f].shape
-            assert ra[f].tobytes() == rb[f].tobytes(), (a.image_ids[i], f)
 
 
 def build(root, image_ids, dtype="float16", shard_size=4, rank=0, **kw):
@@ -544,19 +531,14 @@ def test_add_validation(tmp_path):
 def test_a_config_reloaded_from_its_saved_yaml_still_matches_its_index(tmp_path):
     """Serving an index with the config.yaml its run saved: same values, but the dump of the
     re-loaded config lacks the YAML anchors (&id001) that shared lists had in the original."""
-    from detectron2.config import get_cfg
-
-    from retrieval_ext.config import add_retrieval_config
     from retrieval_ext.retrieval.extractor import model_fingerprint
-    from tests.common import tiny_cfg, tiny_model
+    from tests.common import make_cfg, tiny_cfg, tiny_model
 
     cfg = tiny_cfg("ZF")
     model = tiny_model("ZF")
     built = model_fingerprint(cfg, model)
     (tmp_path / "config.yaml").write_text(cfg.dump())
-    again = get_cfg()
-    add_retrieval_config(again)
-    again.merge_from_file(str(tmp_path / "config.yaml"))
+    again = make_cfg(tmp_path / "config.yaml", freeze=False)
     reloaded = model_fingerprint(again, model)
     assert "&id" in built["model_config"] and "&id" not in reloaded["model_config"]
     check_manifest_compatible(built, reloaded)

@@ -11,12 +11,11 @@ from PIL import Image
 
 from retrieval_ext.data import register_custom_dataset
 from retrieval_ext.data.datasets import unregister_retrieval_dataset
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.data.mapper import read_image
 from retrieval_ext.retrieval.extractor import FeatureExtractor
 from retrieval_ext.retrieval.queries import extract_queries
 from retrieval_ext.retrieval.query_scales import query_resize_factors
-from tests.common import tiny_cfg, tiny_model
+from tests.common import tiny_cfg, tiny_model, write_benchmark
 
 FIELDS = ("ipa_sum", "ipa_max", "crop_sum", "crop_max", "rpa_sum", "rpa_max")
 
@@ -112,9 +111,7 @@ def test_no_scales_is_one_pass_at_the_test_size():
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("qs") / "bench"
-    generate_synthetic_benchmark(
-        str(root), num_instances=2, queries_per_instance=1, num_db=2, short_side=96, seed=2
-    )
+    write_benchmark(root, num_instances=2, queries_per_instance=1, num_db=2, seed=2)
     register_custom_dataset("qs_bench", str(root))
     yield root
     unregister_retrieval_dataset("qs_bench")

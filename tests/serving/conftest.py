@@ -13,16 +13,13 @@ from typing import List
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from retrieval_ext.config import add_retrieval_config
 from retrieval_ext.data.datasets import register_config_datasets, unregister_retrieval_dataset
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.extractor import FeatureExtractor
 from retrieval_ext.retrieval.paths import index_paths
 from retrieval_ext.retrieval.pipeline import prepare_index
-from tests.common import CONFIGS
+from tests.common import CONFIGS, make_cfg, save_checkpoint, write_benchmark
 
 DATASET = "ui_synth"
 WHITEN = "ui_whiten"
@@ -39,25 +36,14 @@ class UIIndex:
     relevance: dict  # relevance.json: {object: {"positives", "junk", "boxes"}}
 
 
-def make_cfg(config_file, opts):
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
-
-
 @pytest.fixture(scope="session")
 def ui_index(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ui_index")
     root = tmp / DATASET
     common = dict(short_side=SHORT_SIDE, difficulty=0.3)
-    generate_synthetic_benchmark(
-        str(root), num_instances=3, queries_per_instance=2, num_db=12, seed=3, **common
-    )
-    generate_synthetic_benchmark(
-        str(tmp / WHITEN), num_instances=2, queries_per_instance=1, num_db=8, seed=7, **common
+    write_benchmark(root, num_instances=3, queries_per_instance=2, num_db=12, seed=3, **common)
+    write_benchmark(
+        tmp / WHITEN, num_instances=2, queries_per_instance=1, num_db=8, seed=7, **common
     )
     config_file = str(CONFIGS / "synthetic" / "EfficientNet-Lite0.yaml")
     opts = [
@@ -84,8 +70,7 @@ def ui_index(tmp_path_factory):
     ]
     torch.manual_seed(0)
     model = build_model(make_cfg(config_file, opts + ["MODEL.WEIGHTS", ""]))
-    torch.save({"model": model.state_dict()}, tmp / "model.pth")
-    opts += ["MODEL.WEIGHTS", str(tmp / "model.pth")]
+    opts += ["MODEL.WEIGHTS", save_checkpoint(model, tmp / "model.pth")]
     cfg = make_cfg(config_file, opts)
     register_config_datasets(cfg)
     prepare_index(cfg, FeatureExtractor(cfg), DATASET, index_paths(cfg))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageOps
 
@@ -22,7 +21,7 @@ import retrieval_ext
 from retrieval_ext import InstanceSearch
 from retrieval_ext.serving.app import create_app
 from retrieval_ext.serving.service import SearchService
-from tests.common import written_out_ap
+from tests.common import make_cfg, save_checkpoint, written_out_ap
 
 NON_CS_STAGES = ["filtering", "filtering_qe", "ca_sr", "ca_sr_qe"]
 CHAIN = ["filtering", "ca_sr", "ca_sr_qe"]  # what ca_sr_qe builds on, in order
@@ -831,15 +830,7 @@ def test_search_refuses_a_boolean_id(client, source):
 def test_search_with_unscored_images_answers_null_scores(ui_index):
     """With RETRIEVAL.FILTER_TOP_K = K the images after the first K are not scored (-inf inside);
     JSON has no -inf: they come back with score None, after every scored image."""
-    from detectron2.config import get_cfg
-
-    from retrieval_ext.config import add_retrieval_config
-
-    cfg = get_cfg()
-    add_retrieval_config(cfg)
-    cfg.merge_from_file(ui_index.config_file)
-    cfg.merge_from_list(ui_index.opts + ["RETRIEVAL.FILTER_TOP_K", "8"])
-    cfg.freeze()
+    cfg = make_cfg(ui_index.config_file, ui_index.opts + ["RETRIEVAL.FILTER_TOP_K", "8"])
     with TestClient(create_app(SearchService(InstanceSearch(cfg)))) as c:
         for stage in ("filtering", "ca_sr_qe"):
             r = c.post("/api/search", json=_query_body(ui_index, 0, stage=stage, top_k=12))
@@ -911,9 +902,6 @@ def cs_engine(ui_index, tmp_path_factory):
     """The same model with a 3-class predictor (freshly initialised: loading the saved 80-class
     one skips it), indexed again: its stored class scores are the query objects', so CS-SR
     applies. The probabilities mean nothing; what the API does with them is tested."""
-    from detectron2.config import get_cfg
-
-    from retrieval_ext.config import add_retrieval_config
     from retrieval_ext.retrieval.extractor import FeatureExtractor
     from retrieval_ext.retrieval.paths import index_paths
     from retrieval_ext.retrieval.pipeline import prepare_index
@@ -921,19 +909,15 @@ def cs_engine(ui_index, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cs_index")
 
     def cfg_with(*opts):
-        cfg = get_cfg()
-        add_retrieval_config(cfg)
-        cfg.merge_from_file(ui_index.config_file)
-        cfg.merge_from_list(ui_index.opts + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"] + list(opts))
-        cfg.freeze()
-        return cfg
+        return make_cfg(
+            ui_index.config_file, ui_index.opts + ["MODEL.ROI_HEADS.NUM_CLASSES", "3"] + list(opts)
+        )
 
     # saved once, so that indexing and searching load the same fresh predictor
     model = FeatureExtractor(cfg_with()).model
-    torch.save({"model": model.state_dict()}, tmp / "cs.pth")
     cfg = cfg_with(
         "MODEL.WEIGHTS",
-        str(tmp / "cs.pth"),
+        save_checkpoint(model, tmp / "cs.pth"),
         "RETRIEVAL.INDEX_DIR",
         str(tmp / "index"),
         "OUTPUT_DIR",

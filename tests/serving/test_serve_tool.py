@@ -1,18 +1,12 @@
 """tools/serve.py before it serves: a missing index is a clear error, --build-index builds it."""
 
-import importlib.util
-
 import pytest
 
-from tests.common import REPO_ROOT
-from tests.serving.conftest import make_cfg
+from tests.common import load_tool, make_cfg
 
 
 def _serve_module():
-    spec = importlib.util.spec_from_file_location("serve_tool", REPO_ROOT / "tools" / "serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("serve")
 
 
 def _args(serve, argv):

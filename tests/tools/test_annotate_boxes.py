@@ -1,7 +1,6 @@
 """tools/annotate_boxes.py on a tiny collection: a textured reference on white paper, one photo
 holding it (pasted by a known homography), one without it."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,17 +17,13 @@ from retrieval_ext.data.datasets.custom import load_custom
 from retrieval_ext.data.mapper import UnreadableImageError
 from retrieval_ext.evaluation.evaluator import evaluate_stages
 from retrieval_ext.retrieval.search import StageResult
-from tests.common import REPO_ROOT
+from tests.common import REPO_ROOT, load_tool
 from tests.data.synthetic_planar import KNOWN_H, projected_box, textured, warp_into
 
 REF_W, REF_H = 90, 120
 PAD_X, PAD_Y = 20, 15  # white paper around the reference in the query image
 
-_spec = importlib.util.spec_from_file_location(
-    "annotate_boxes", REPO_ROOT / "tools" / "annotate_boxes.py"
-)
-annotate_boxes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(annotate_boxes)
+annotate_boxes = load_tool("annotate_boxes")
 
 
 def _write_json(path, obj):

@@ -1,17 +1,13 @@
 """tools/make_synthetic.py writes the benchmark and the generic set and prints their counts."""
 
-import importlib.util
 import json
 import os
 
-from tests.common import REPO_ROOT
+from tests.common import load_tool
 
 
 def test_cli_writes_benchmark_and_generic_set(tmp_path, capsys):
-    path = os.path.join(REPO_ROOT, "tools", "make_synthetic.py")
-    spec = importlib.util.spec_from_file_location("make_synthetic", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("make_synthetic")
     out = str(tmp_path / "syn")
     cli.main(
         ["--output", out, "--num-db", "6", "--num-instances", "3", "--queries-per-instance", "1",

@@ -9,11 +9,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
-from tests.common import REPO_ROOT, load_strict_json, tiny_model, written_out_ap
-from tools.benchmarks.real_photos import split_groups, targets
+from tests.common import REPO_ROOT, ZF_TINY, load_strict_json, write_benchmark, written_out_ap
+from tools.benchmarks.real_photos import load_baseline, split_groups, targets
 
 TOP_N, QE_M = 4, 2
 
@@ -39,20 +37,17 @@ def _regroup(root):
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
+def bench(tmp_path_factory, zf):
     tmp = tmp_path_factory.mktemp("real")
     root = tmp / "photos"
-    generate_synthetic_benchmark(
-        str(root), num_instances=2, queries_per_instance=2, num_db=12, short_side=96, seed=3
-    )
+    write_benchmark(root, num_instances=2, queries_per_instance=2, num_db=12, seed=3)
     relevance = _regroup(root)
     (tmp / "boxes.json").write_text(json.dumps(relevance))
-    torch.save({"model": tiny_model("ZF").state_dict()}, tmp / "zf.pth")
     out = tmp / "out"
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "benchmark.py"), "real", "--data", root]
     cmd += ["--boxes", tmp / "boxes.json", "--split", "val", "--val-groups", "camA"]
-    cmd += ["--config-file", REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"]
-    cmd += ["--weights", tmp / "zf.pth", "--output-dir", out]
+    cmd += ["--config-file", ZF_TINY]
+    cmd += ["--weights", zf["weights"], "--output-dir", out]
     cmd += ["RETRIEVAL.TOP_N", TOP_N, "RETRIEVAL.QE_M", QE_M]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -144,9 +139,39 @@ def test_targets_worked_out():
     assert rows["fine-tuned best stage > off-the-shelf best stage (mAP)"] is None
     ft = dict(off, cs_sr={"mAP": 66.0, "mean_iou": 0.62}, cs_sr_qe={"mAP": 76.0})
     ft["ca_sr_qe"] = {"mAP": 40.0}
-    rows = {r["target"]: r["passed"] for r in targets(ft, baseline=off)}
+    lines = {r["target"]: r for r in targets(ft, baseline=off)}
+    rows = {t: r["passed"] for t, r in lines.items()}
+    best = lines["fine-tuned best stage > off-the-shelf best stage (mAP)"]
+    assert best["note"] == "off the shelf: 45.400"  # its best stage, CA-SR + QE, 3 decimals
     assert rows["off-the-shelf CA-SR + QE >= 50 mAP"] is None  # a fine-tuned model
     assert rows["CA-SR + QE never below CA-SR (mAP)"] is False
     assert rows["fine-tuned CS-SR + QE >= 75 mAP"] is True
     assert rows["CS-SR localisation mean IoU >= 0.6 (true positives in the top 10)"] is True
     assert rows["fine-tuned best stage > off-the-shelf best stage (mAP)"] is True  # 76 > 45.4
+
+
+def test_baseline_must_be_an_off_the_shelf_run_on_the_same_split(tmp_path):
+    off = {"filtering": {"mAP": 25.0}, "ca_sr": {"mAP": 44.0}}
+
+    def write(name, **report):
+        (tmp_path / name).write_text(json.dumps(report))
+        return str(tmp_path / name)
+
+    good = write("good.json", split="report", groups=["canon", "e63"], results=off)
+    assert load_baseline(good, "report", ["canon", "e63"]) == off
+    # the validation run's numbers must not judge a report run (nor other cameras)
+    with pytest.raises(ValueError, match=r"val\.json: measured on split 'val'"):
+        load_baseline(write("val.json", split="val", groups=["droid"], results=off), "report", [])
+    with pytest.raises(ValueError, match="groups"):
+        load_baseline(good, "report", ["canon"])
+    tuned = dict(off, cs_sr={"mAP": 60.0})
+    ft = write("ft.json", split="report", groups=["canon", "e63"], results=tuned)
+    with pytest.raises(ValueError, match=r"ft\.json: a fine-tuned run"):
+        load_baseline(ft, "report", ["canon", "e63"])
+    with pytest.raises(ValueError, match=r"bad\.json: no 'results'"):
+        load_baseline(write("bad.json", split="report"), "report", ["canon", "e63"])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match=r"broken\.json: cannot read"):
+        load_baseline(str(tmp_path / "broken.json"), "report", ["canon", "e63"])
+    with pytest.raises(ValueError, match="missing.json"):
+        load_baseline(str(tmp_path / "missing.json"), "report", ["canon", "e63"])

@@ -1,6 +1,5 @@
 """tools/synthetic_baseline.py on a hand-made custom-format collection of flat colours."""
 
-import importlib.util
 import json
 import os
 
@@ -8,17 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.common import REPO_ROOT
+from tests.common import load_tool
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
 def _tool():
-    path = os.path.join(REPO_ROOT, "tools", "synthetic_baseline.py")
-    spec = importlib.util.spec_from_file_location("synthetic_baseline", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_tool("synthetic_baseline")
 
 
 def _flat(path, colour, size=(40, 40)):

@@ -33,7 +33,7 @@ import numpy as np
 
 from .common import jsonable_args, print_table, write_json
 
-__all__ = ["register", "run", "targets"]
+__all__ = ["load_baseline", "register", "run", "targets"]
 
 CONFIG = "configs/Base-EfficientNet-Lite0.yaml"
 SPLITS = ("val", "report", "all")
@@ -174,12 +174,38 @@ def targets(results: dict, baseline: dict = None, ca_sr_qe_drops: int = None) ->
         best,
         passed,
         (
-            f"off the shelf: {base}"
+            f"off the shelf: {_fmt(base, 3)}"
             if base is not None
-            else "n/a: needs a fine-tuned model and " "--baseline"
+            else "n/a: needs a fine-tuned model and --baseline"
         ),
     )
     return rows
+
+
+def load_baseline(path: str, split: str, groups) -> dict:
+    """The ``results`` of an off-the-shelf run's real_photos.json, on this run's split.
+
+    Raises:
+        ValueError: ``path`` is not such a file, was measured on another split or other image
+            groups, or is a fine-tuned run (it has CS-SR): "the fine-tuned best stage beats the
+            off-the-shelf one" would compare the wrong numbers.
+    """
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--baseline {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
+        raise ValueError(f"--baseline {path}: no 'results' (expected a real_photos.json)")
+    theirs = (report.get("split"), report.get("groups"))
+    if theirs != (split, groups):
+        raise ValueError(
+            f"--baseline {path}: measured on split {theirs[0]!r} (groups {theirs[1]}), "
+            f"this run is split {split!r} (groups {groups})"
+        )
+    if "cs_sr" in report["results"]:
+        raise ValueError(f"--baseline {path}: a fine-tuned run (it has CS-SR), not off the shelf")
+    return report["results"]
 
 
 def _percent(scores: dict) -> dict:
@@ -243,10 +269,7 @@ def run(args):
         a, b = _per_query_ap(found, name, "ca_sr"), _per_query_ap(found, name, "ca_sr_qe")
         valid = np.isfinite(a) & np.isfinite(b)
         drops = int((b[valid] < a[valid] - 1e-12).sum())
-    baseline = None
-    if args.baseline:
-        with open(args.baseline) as f:
-            baseline = json.load(f)["results"]
+    baseline = load_baseline(args.baseline, args.split, groups) if args.baseline else None
     rows = targets(results, baseline, drops)
     _report(args, out, results, rows, groups, counts, found, time.perf_counter() - t0)
     return results

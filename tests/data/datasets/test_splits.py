@@ -1,7 +1,6 @@
 """Validation / report views of a collection grouped by camera (data.datasets.splits and its
 command line, tools/real_photo_splits.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -13,16 +12,7 @@ from retrieval_ext.data.datasets import register_custom_dataset
 from retrieval_ext.data.datasets.catalog import get_retrieval_metadata
 from retrieval_ext.data.datasets.common import unregister_retrieval_dataset
 from retrieval_ext.data.datasets.splits import make_view, parse_views
-from tests.common import REPO_ROOT
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "real_photo_splits", REPO_ROOT / "tools" / "real_photo_splits.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.common import load_tool
 
 
 def _collection(root):
@@ -50,7 +40,7 @@ def _collection(root):
 def test_views_keep_only_their_cameras_judgements(tmp_path):
     root, out = tmp_path / "coll", tmp_path / "views"
     _collection(root)
-    tool = _tool()
+    tool = load_tool("real_photo_splits")
     tool.main(["--root", str(root), "--output", str(out), "--view", "val=c", "--view", "rep=a,b"])
 
     val = json.loads((out / "val" / "relevance.json").read_text())

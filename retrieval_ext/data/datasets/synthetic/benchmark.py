@@ -245,24 +245,19 @@ def generate_synthetic_benchmark(
         ({object: count}), "db_instance_histogram" ({n: number of db images holding n
         planted instances}), "parameters", and the masks if requested.
     """
-    if num_instances < 1 or queries_per_instance < 1 or num_db < 1:
-        raise ValueError("num_instances, queries_per_instance and num_db must be >= 1")
-    if difficulty < 0:
-        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+    params = _checked_parameters(
+        num_instances,
+        queries_per_instance,
+        num_db,
+        short_side,
+        seed,
+        difficulty,
+        instance_counts,
+        distractors_per_image,
+        num_distractor_designs,
+    )
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "queries"), exist_ok=True)
-    params = {
-        "num_instances": num_instances,
-        "queries_per_instance": queries_per_instance,
-        "num_db": num_db,
-        "short_side": short_side,
-        "seed": seed,
-        "difficulty": difficulty,
-        "instance_counts": [float(p) for p in instance_counts],
-        "distractors_per_image": [int(v) for v in distractors_per_image],
-        "num_distractor_designs": num_distractor_designs,
-        "jpeg_quality": JPEG_QUALITY,
-    }
     designs = [poster_texture(streams.rng(seed, streams.INSTANCE, k)) for k in range(num_instances)]
     pool = [
         poster_texture(streams.rng(seed, streams.DISTRACTOR, j))
@@ -288,6 +283,37 @@ def generate_synthetic_benchmark(
         summary["masks"] = job.masks
         summary["hidden"] = job.hidden
     return summary
+
+
+def _checked_parameters(
+    num_instances: int,
+    queries_per_instance: int,
+    num_db: int,
+    short_side: int,
+    seed: int,
+    difficulty: float,
+    instance_counts: Sequence[float],
+    distractors_per_image: Tuple[int, int],
+    num_distractor_designs: int,
+) -> dict:
+    """The generator's parameters as meta.json records them, after checking them (a ValueError
+    names the one at fault)."""
+    if num_instances < 1 or queries_per_instance < 1 or num_db < 1:
+        raise ValueError("num_instances, queries_per_instance and num_db must be >= 1")
+    if difficulty < 0:
+        raise ValueError(f"difficulty must be >= 0, got {difficulty}")
+    return {
+        "num_instances": num_instances,
+        "queries_per_instance": queries_per_instance,
+        "num_db": num_db,
+        "short_side": short_side,
+        "seed": seed,
+        "difficulty": difficulty,
+        "instance_counts": [float(p) for p in instance_counts],
+        "distractors_per_image": [int(v) for v in distractors_per_image],
+        "num_distractor_designs": num_distractor_designs,
+        "jpeg_quality": JPEG_QUALITY,
+    }
 
 
 def _write_metadata(root: str, queries: list, relevance: dict, summary: dict) -> None:

@@ -1,9 +1,14 @@
-"""The Python search API is safe to call from several threads on one loaded index."""
+"""The Python search API (InstanceSearch): boxes are checked, and it is safe to call from several
+threads on one loaded index. The ``search_engine`` fixture is in tests/retrieval/conftest.py."""
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
+from PIL import Image
 
+from retrieval_ext.data.boxes import InvalidBoxError
 from retrieval_ext.retrieval.api import InstanceSearch
 from retrieval_ext.retrieval.search import STAGES
 
@@ -39,3 +44,29 @@ def test_threads_give_the_sequential_results(search_engine):
         ids = [h[1] for h in hits]
         assert len(set(ids)) == len(ids) and len(ids) in (4, 6)
         assert all(np.isfinite(h[3]) for h in hits)
+
+
+def test_api_validates_boxes(search_engine):
+    engine, queries = search_engine["engine"], search_engine["queries"]
+    image = queries[0]["file_name"]
+    w, h = Image.open(image).size
+    bad = [
+        ([w + 1, 5, w + 20, 20], "outside"),
+        ([5, -30, 20, -1], "outside"),
+        ([10, 10, 10, 20], "zero area"),
+        ([20, 10, 10, 20], "reversed corners"),
+        (["x", 1, 2, 3], "not 4 numbers"),
+        ([1, 2, float("nan"), 4], "non-finite"),
+    ]
+    for box, words in bad:
+        with pytest.raises(InvalidBoxError) as e:
+            engine.query(image, box, stage="ca_sr", top_k=3)
+        assert image in str(e.value) and words in str(e.value)
+    # an array query (in INPUT.FORMAT order) is checked against the array's size
+    arr = np.zeros((30, 40, 3), np.uint8)
+    with pytest.raises(InvalidBoxError, match=r"query \(array\): box \[0, 0, 41, 0\]"):
+        engine.query(arr, [0, 0, 41, 0])
+    hits = engine.query(arr, [-5, -5, 10, 10], stage="ca_sr", top_k=2)
+    assert len(hits) == 2 and all(math.isfinite(h.score) for h in hits)
+    with pytest.raises(ValueError, match="top_k"):
+        engine.query(image, queries[0]["query_box"], top_k=-1)

@@ -1,14 +1,12 @@
 """Bad query boxes: a clear error naming the query and the box, or the documented clamp.
 
-Covers the shared check (retrieval_ext.data.boxes), the dataset loaders (load time), the
-pipeline's query extraction (against the real image size) and the Python API.
+Covers the shared check (retrieval_ext.data.boxes) and the dataset loaders (load time); the
+query extraction's check against the real image size is in tests/retrieval/test_queries.py,
+the Python API's in tests/retrieval/test_api.py.
 """
-
-import math
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from retrieval_ext.data.boxes import (
     InvalidBoxError,
@@ -18,9 +16,7 @@ from retrieval_ext.data.boxes import (
     warn_if_below_cell,
 )
 from retrieval_ext.data.datasets import load_custom
-from retrieval_ext.retrieval.queries import extract_queries
-
-from .conftest import make_extractor, pattern_image, register, write_collection
+from tests.common import pattern_image, write_collection
 
 # (box, words the message must hold) for a 40 wide x 30 high image
 BAD_BOXES = [
@@ -85,61 +81,3 @@ def test_loader_rejects_malformed_boxes_at_load_time(tmp_path):
         ValueError, match=r"queries\.json, entry 0: box \[5, 5, 2, 20\] has reversed"
     ):
         load_custom(str(root))
-
-
-def test_extract_queries_checks_boxes_against_the_image(zf, tmp_path, registered, logs):
-    img = pattern_image(30, 40, 0)
-    extractor = make_extractor(zf)
-
-    # well-formed at load time, but outside the 40 x 30 image: refused when extracted
-    root = write_collection(
-        tmp_path / "out", {"images/a.png": img}, [("images/a.png", [45, 5, 60, 20], "obj")]
-    )
-    name = register(registered, "rel_box_out", root)
-    with pytest.raises(InvalidBoxError) as e:
-        extract_queries(extractor, name)
-    assert "query 'images/a'" in str(e.value) and "[45.0, 5.0, 60.0, 20.0]" in str(e.value)
-    assert "outside the 40 x 30" in str(e.value)
-
-    # partly outside: the record's box is the clamped box; a sub-cell box: kept, warned, finite
-    root = write_collection(
-        tmp_path / "ok",
-        {"images/a.png": img, "images/b.png": img},
-        [("images/a.png", [20, 10, 55, 44], "obj"), ("images/b.png", [3, 3, 4, 4], "obj")],
-    )
-    name = register(registered, "rel_box_ok", root)
-    clamped, tiny = extract_queries(extractor, name)
-    np.testing.assert_array_equal(clamped["box"], [20, 10, 40, 30])
-    # ZF-tiny resizes 40 x 30 to 171 x 128 (shorter side 128, 40 * 128 / 30 = 170.7 rounded);
-    # stride 16, so a cell is 16 * 40 / 171 = 3.74 by 16 * 30 / 128 = 3.75 original pixels
-    cell = f"{16 * 40 / 171:.1f} x {16 * 30 / 128:.1f} px"
-    assert any("query 'images/b'" in w and cell in w for w in logs.warnings())
-    for rec in (clamped, tiny):
-        for k in ("crop_sum", "crop_max", "rpa_sum", "rpa_max", "ipa_sum"):
-            assert np.all(np.isfinite(rec[k])) and np.linalg.norm(rec[k]) > 0, k
-
-
-def test_api_validates_boxes(search_engine):
-    engine, queries = search_engine["engine"], search_engine["queries"]
-    image = queries[0]["file_name"]
-    w, h = Image.open(image).size
-    bad = [
-        ([w + 1, 5, w + 20, 20], "outside"),
-        ([5, -30, 20, -1], "outside"),
-        ([10, 10, 10, 20], "zero area"),
-        ([20, 10, 10, 20], "reversed corners"),
-        (["x", 1, 2, 3], "not 4 numbers"),
-        ([1, 2, float("nan"), 4], "non-finite"),
-    ]
-    for box, words in bad:
-        with pytest.raises(InvalidBoxError) as e:
-            engine.query(image, box, stage="ca_sr", top_k=3)
-        assert image in str(e.value) and words in str(e.value)
-    # an array query (in INPUT.FORMAT order) is checked against the array's size
-    arr = np.zeros((30, 40, 3), np.uint8)
-    with pytest.raises(InvalidBoxError, match=r"query \(array\): box \[0, 0, 41, 0\]"):
-        engine.query(arr, [0, 0, 41, 0])
-    hits = engine.query(arr, [-5, -5, 10, 10], stage="ca_sr", top_k=2)
-    assert len(hits) == 2 and all(math.isfinite(h.score) for h in hits)
-    with pytest.raises(ValueError, match="top_k"):
-        engine.query(image, queries[0]["query_box"], top_k=-1)
