@@ -27,6 +27,7 @@ from detectron2.utils import comm
 
 from ..utils.io import atomic_write
 from .extractor import FeatureExtractor, feature_state_dict
+from .index_store.errors import IndexWriteError
 from .index_store.layout import CONFIG_NAME, MANIFEST_NAME, read_json
 
 __all__ = ["WEIGHTS_KEY", "adopt_index_weights", "recorded_weights", "weights_record"]
@@ -58,8 +59,14 @@ def weights_record(extractor: FeatureExtractor, work_dir: str) -> str:
             "weights_hash": fp["weights_hash"],
             "weights_scope": fp["weights_scope"],
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save(data, tmp))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(data, tmp))
+        except OSError as e:  # e.g. the index folder under a regular file
+            reason = "Not a directory" if isinstance(e, FileExistsError) else e.strerror or ""
+            raise IndexWriteError(
+                f"cannot save the weights the index is built with to {path}: {reason} ({e})"
+            ) from e
         logger.info(f"saved the weights the index is built with to {path}")
     comm.synchronize()
     return name

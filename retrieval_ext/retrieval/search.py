@@ -43,6 +43,7 @@ from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
     average_query_expansion,
+    block_region_vectors,
     outlier_gate,
     region_query_expansion,
 )
@@ -403,7 +404,7 @@ class IndexSearcher:
         only."""
         comp = self.region_compression
         decode = comp.decode if comp is not None and comp.pq is not None else None
-        return _block_vectors(ca, images, self._rpa, decode)
+        return block_region_vectors(ca, images, self._rpa, decode)
 
     def _cs(self, q: "_Query", order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
@@ -509,18 +510,3 @@ class IndexSearcher:
             idx = idx[np.asarray(best_proposal)[idx] >= 0]
         keep = outlier_gate(scores[idx], scores[: int(top_n)], z=self.qe_gate_z)
         return np.asarray(order, dtype=np.int64)[idx[keep]]
-
-
-def _block_vectors(result, images, region_vectors, decode=None) -> np.ndarray:
-    """L2-normalised region vectors of the located proposals of ``images`` (database indices of
-    the reranked block of ``result``), (M', D) in the order given; ``decode`` maps stored rows
-    (product-quantised codes) to float vectors."""
-    position = {int(i): j for j, i in enumerate(result.order[: result.top_n])}
-    rows = []
-    for i in images:
-        j = position[int(i)]
-        rows.append(np.asarray(region_vectors(int(i)))[int(result.best_proposal[j])])
-    if not rows:
-        return np.zeros((0, 0), dtype=np.float32)
-    rows = np.stack(rows)
-    return l2_normalize(decode(rows) if decode is not None else rows)
