@@ -263,7 +263,60 @@ def add_retrieval_config(cfg):
     # vectors of REGION_PCA_DATASET ("" = WHITENING_DATASET; never the dataset searched);
     _C.RETRIEVAL.REGION_PCA_DIM = 0
     _C.RETRIEVAL.REGION_PCA_DATASET = ""
-    # storage of the region vectors: "int8" (unit vectors scaled to +-127 per proposal; 4x smaller
-    # than float32 for 0.01 mAP points on the synthetic benchmark), "float16", "float32", or ""
-    # (uncompressed, INDEX_DTYPE).
-    _C.RETRIEVAL.REGION_DTYPE = "int8"
+    # storage of the region vectors: "pq" (REGION_PQ below: M bytes per vector, scored from the
+    # codes; chosen on validation data, BENCHMARKS.md section 10), "int8" (unit vectors scaled to
+    # +-127 per proposal; 4x smaller than float32 for 0.01 mAP points), "float16", "float32", or
+    # "" (uncompressed, INDEX_DTYPE). A collection too small to learn a quantiser on
+    # (REGION_PQ.MIN_VECTORS) stores int8.
+    _C.RETRIEVAL.REGION_DTYPE = "pq"
+    # With RERANK_POOLING sum and a WHITENING_DATASET: sum-pooled region vectors (stored and the
+    # query's) are PCA-whitened as IPA-sum is (L2 -> whiten -> L2, the paper), the whitening
+    # learned on the whitening dataset's rpa_sum vectors; False = L2 only. Chosen on validation
+    # (synthetic seed 1 / SMVS droid): CA-SR +1.6 / +5.4 mAP points over L2 only.
+    _C.RETRIEVAL.WHITEN_SUM_REGIONS = True
+
+    # ---------------------------------------------------------------- what the index stores
+    # An index holds the fields its stages read (retrieval/contents.py) and records them in its
+    # manifest; a stage needing a field the index lacks is refused with the key to set here.
+    _C.RETRIEVAL.STORE = CN()
+    # Image-wise vectors (IPA) stored, among "sum", "max"; [] = FILTER_POOLING (+ "sum" when
+    # WHITENING_DATASET is set: the whitening is learned on it).
+    _C.RETRIEVAL.STORE.IPA_POOLINGS = []
+    # Storage of the IPA vectors, stored L2-normalised: "float16" or "float32".
+    _C.RETRIEVAL.STORE.IPA_DTYPE = "float16"
+    # Region vectors (RPA) stored, among "sum", "max"; [] = RERANK_POOLING.
+    _C.RETRIEVAL.STORE.REGION_POOLINGS = []
+    # Per-proposal class probabilities (+ class boxes when STORE_CLASS_BOXES), read by CS-SR only:
+    # "auto" = for a model whose classes are the query objects (MODEL.FINETUNE.DATASET set, or
+    # ROI_HEADS.NUM_CLASSES equal to the number of query objects of DATASET), "yes", "no".
+    # Without them indexing skips the box head (backbone, proposals, RoI pooling, RPA only).
+    _C.RETRIEVAL.STORE.CLASS_OUTPUTS = "auto"
+    # With class outputs: keep only the k most probable object classes of each proposal (their
+    # ids, probabilities and boxes); 0 = every class.
+    _C.RETRIEVAL.STORE.CLASS_TOP_K = 0
+    # Storage of proposal and class boxes (original-image pixels): "float16" or "float32".
+    _C.RETRIEVAL.STORE.BOX_DTYPE = "float16"
+    # Also store each proposal's objectness logit (no stage reads it; proposals are stored best
+    # first).
+    _C.RETRIEVAL.STORE.OBJECTNESS = False
+
+    # ------------------------------------------------------------ product-quantised region codes
+    # REGION_DTYPE "pq": each region vector is stored as M one-byte codes of a product quantiser
+    # (retrieval/product_quantization.py) learned on region vectors, saved beside the index and
+    # recorded in its manifest; CA-SR and region QE score the codes by table look-ups.
+    _C.RETRIEVAL.REGION_PQ = CN()
+    # Sub-quantisers = bytes per region vector; must divide the vector dimension (1280 for
+    # EfficientNet-Lite0's conv_head). 64: best mean CA-SR and CA-SR + QE mAP of 16/32/64/128 on
+    # the validation sets (synthetic seed 1, SMVS droid photos), 28 KB per SMVS image in all.
+    _C.RETRIEVAL.REGION_PQ.M = 64
+    # Also learn an OPQ rotation (faiss OPQMatrix) applied before quantising; stored beside the
+    # index (D x D float16).
+    _C.RETRIEVAL.REGION_PQ.OPQ = False
+    # Dataset whose database region vectors the quantiser is learned on; "" = a sample of the
+    # collection being indexed (what faiss users do): SAMPLE_IMAGES of its images, evenly spread,
+    # are indexed once more (uncompressed, beside the index) to learn it.
+    _C.RETRIEVAL.REGION_PQ.DATASET = ""
+    _C.RETRIEVAL.REGION_PQ.SAMPLE_IMAGES = 256
+    # Fewest region vectors a quantiser is learned on (faiss asks for 39 per centroid: 39 x 256);
+    # a collection that cannot give them (images x NUM_PROPOSALS) stores int8 vectors instead.
+    _C.RETRIEVAL.REGION_PQ.MIN_VECTORS = 9984

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Cost of instance search with Faster R-CNN features: extraction, reranking, search.
 
-    benchmark.py {extraction,rerank,search,scale,compression,limits} [--quick] [options]
+    benchmark.py {extraction,rerank,search,scale,compression,limits,index-cost} [--quick] [options]
     benchmark.py real --data ROOT [--boxes FILE] [--split val|report|all] [options]
 
 The experiments live in ``tools/benchmarks/`` (one module each, see its ``__init__``); this is

@@ -180,6 +180,16 @@ def evaluate(cfg_file, out: Path, weights, env, extra, stages=STAGES):
     return json.loads(results.read_text())
 
 
+# the off-the-shelf index also stores the poolings the ablation searches (an index stores only
+# what its own stages read: RETRIEVAL.STORE)
+ABLATION_STORE = [
+    "RETRIEVAL.STORE.IPA_POOLINGS",
+    "['sum', 'max']",
+    "RETRIEVAL.STORE.REGION_POOLINGS",
+    "['sum', 'max']",
+]
+
+
 def pooling_ablation(out: Path, weights, env, extra):
     """Sum vs max pooling for filtering and for reranking, on the off-the-shelf index."""
     rows = {}
@@ -191,6 +201,7 @@ def pooling_ablation(out: Path, weights, env, extra):
             weights,
             env,
             extra
+            + ABLATION_STORE
             + [
                 "RETRIEVAL.INDEX_DIR",
                 out / "off_the_shelf" / "index",
@@ -305,7 +316,11 @@ def main(argv=None):
 
     table = {
         "off_the_shelf": evaluate(
-            CONFIG / "EfficientNet-Lite0.yaml", out / "off_the_shelf", detector, env, extra
+            CONFIG / "EfficientNet-Lite0.yaml",
+            out / "off_the_shelf",
+            detector,
+            env,
+            extra + ABLATION_STORE,
         )
     }
     ablation = pooling_ablation(out, detector, env, extra)

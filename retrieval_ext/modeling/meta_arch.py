@@ -77,11 +77,14 @@ class RetrievalRCNN(GeneralizedRCNN):
         batched_inputs: List[Dict[str, torch.Tensor]],
         detected_instances: Optional[List[Instances]] = None,
         do_postprocess: bool = True,
+        class_outputs: bool = True,
     ):
         """Run inference; see the class docstring for the outputs.
 
         With ``detected_instances`` or ``do_postprocess=False`` this is exactly
-        :meth:`GeneralizedRCNN.inference` (detections only).
+        :meth:`GeneralizedRCNN.inference` (detections only). ``class_outputs=False`` skips the
+        box head (see :meth:`RetrievalROIHeadsMixin.forward_retrieval`): no detections, and the
+        proposals carry no ``scores`` / ``class_boxes``; everything else is unchanged.
         """
         assert not self.training
         if detected_instances is not None or not do_postprocess:
@@ -90,7 +93,7 @@ class RetrievalRCNN(GeneralizedRCNN):
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         proposals, _ = self.proposal_generator(images, features, None)
-        detections, kept = self.roi_heads.forward_retrieval(features, proposals)
+        detections, kept = self.roi_heads.forward_retrieval(features, proposals, class_outputs)
 
         query_boxes = [
             self._query_boxes_to_input(x, s) for x, s in zip(batched_inputs, images.image_sizes)
@@ -207,8 +210,9 @@ def _rescale_proposals(proposals: Instances, height: int, width: int) -> Instanc
     boxes.scale(sx, sy)
     boxes.clip((height, width))
     out.proposal_boxes = boxes
-    cb = Boxes(proposals.class_boxes.reshape(-1, 4).clone())  # (K * B, 4)
-    cb.scale(sx, sy)
-    cb.clip((height, width))
-    out.class_boxes = cb.tensor.reshape(proposals.class_boxes.shape)
+    if proposals.has("class_boxes"):
+        cb = Boxes(proposals.class_boxes.reshape(-1, 4).clone())  # (K * B, 4)
+        cb.scale(sx, sy)
+        cb.clip((height, width))
+        out.class_boxes = cb.tensor.reshape(proposals.class_boxes.shape)
     return out

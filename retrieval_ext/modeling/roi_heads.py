@@ -15,7 +15,7 @@ Which pooled map RPA comes from:
   224 x 224 box), so every RPA vector has the FPN channel count.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -65,23 +65,34 @@ class RetrievalROIHeadsMixin:
         """
         return self._region_forward(features, boxes)[1]
 
-    def forward_retrieval(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+    def forward_retrieval(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        class_outputs: bool = True,
+    ):
         """Detections plus retrieval fields for the kept proposals, from one pass of the box branch.
 
         Args:
             features: backbone features of the batch.
             proposals: RPN output per image (``proposal_boxes``, ``objectness_logits``), sorted by
                 decreasing objectness as the RPN returns them.
+            class_outputs: False = only the kept proposals are RoI-pooled and the box head does
+                not run (an index that stores no class outputs): no detections, no ``scores`` /
+                ``class_boxes``, and the same RPA vectors as the full pass (each box is pooled
+                on its own).
 
         Returns:
             (detections, kept): two lists with one ``Instances`` per image (network-input frame).
             ``kept`` holds the first ``num_retrieval_proposals`` proposals with fields
             ``proposal_boxes`` (Boxes), ``objectness_logits`` (K,), ``rpa_sum`` and ``rpa_max``
-            (K, C), ``scores`` (K, num_classes + 1; softmax, background last) and ``class_boxes``
-            (K, B, 4) with B = num_classes (1 for class-agnostic regression), clipped to the
-            image.
+            (K, C) and, with ``class_outputs``, ``scores`` (K, num_classes + 1; softmax,
+            background last) and ``class_boxes`` (K, B, 4) with B = num_classes (1 for
+            class-agnostic regression), clipped to the image. Without, ``detections`` are empty.
         """
         assert not self.training
+        if not class_outputs:
+            return self._regions_only(features, proposals)
         boxes = [p.proposal_boxes for p in proposals]
         rpa_maps, head_features = self._region_forward(features, boxes)
         predictions = self.box_predictor(head_features)
@@ -102,6 +113,26 @@ class RetrievalROIHeadsMixin:
             out.class_boxes = cb.tensor.reshape(k, cboxes.shape[1] // 4, 4)
             kept.append(out)
         return detections, kept
+
+    def _regions_only(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        """:meth:`forward_retrieval` without the box head: RoI pooling of the kept proposals."""
+        kept = [p[: min(self.num_retrieval_proposals, len(p))] for p in proposals]
+        rpa_maps, _ = self._region_forward(features, [p.proposal_boxes for p in kept], False)
+        for p, maps in zip(kept, rpa_maps.split([len(p) for p in kept])):
+            p.rpa_sum, p.rpa_max = _pool_regions(maps)
+        detections = []
+        for p in proposals:
+            d = Instances(p.image_size)
+            d.pred_boxes = Boxes(p.proposal_boxes.tensor[:0])
+            d.scores = p.objectness_logits[:0]
+            d.pred_classes = torch.zeros(0, dtype=torch.int64, device=p.objectness_logits.device)
+            detections.append(d)
+        return detections, kept
+
+    def region_feature_prefixes(self) -> Tuple[str, ...]:
+        """Submodules (names under this head) whose weights shape the RPA vectors; the rest of
+        the head (box head, predictor) only shapes class outputs."""
+        return ()
 
 
 def _pool_regions(maps: torch.Tensor):
@@ -133,6 +164,9 @@ class RetrievalRes5ROIHeads(RetrievalROIHeadsMixin, Res5ROIHeads):
         ret["num_retrieval_proposals"] = cfg.MODEL.RETRIEVAL.NUM_PROPOSALS
         ret["rpa_after_res5"] = cfg.MODEL.RETRIEVAL.RPA_AFTER_RES5
         return ret
+
+    def region_feature_prefixes(self) -> Tuple[str, ...]:
+        return ("res5",) if self.rpa_after_res5 else ()
 
     def _region_forward(self, features, boxes, run_head=True):
         pooled = self.pooler([features[f] for f in self.in_features], boxes)

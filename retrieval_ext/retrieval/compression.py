@@ -7,7 +7,9 @@ Region vectors (RPA, K proposals x C floats per image) are most of an index's by
 - ``pca_dim``: project the L2-normalised vectors on the top ``pca_dim`` principal components
   learned on *another* dataset's region vectors (0 = no projection);
 - ``dtype``: store the L2-normalised (projected) vectors as ``float32``, ``float16`` or ``int8``
-  (each vector scaled so that its largest magnitude is 127, then rounded).
+  (each vector scaled so that its largest magnitude is 127, then rounded), or as product-quantised
+  codes (``"pq"``: M bytes per vector, :mod:`.product_quantization`), which CA-SR scores from the
+  codes by asymmetric distance (:meth:`RegionCompression.similarity`).
 
 Spatial reranking only needs cosine similarities, which do not change when a vector is scaled, so
 stored vectors need no per-vector scale: the reranker L2-normalises what it reads. The query's
@@ -26,6 +28,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .index_store import FieldSpec, IndexSchema
+from .product_quantization import RegionPQ, learn_region_pq
 
 __all__ = [
     "REGION_DTYPES",
@@ -36,7 +39,7 @@ __all__ = [
     "load_region_compression",
 ]
 
-REGION_DTYPES = ("float32", "float16", "int8")
+REGION_DTYPES = ("float32", "float16", "int8", "pq")
 # Saved beside manifest.json; a searcher finding it projects query region vectors with it.
 COMPRESSION_FILE = "region_compression.npz"
 
@@ -100,6 +103,7 @@ class RegionCompression:
             objectness, class scores, are only truncated to the kept proposals).
         mean: float32 (C,) PCA mean (of L2-normalised vectors), or None.
         components: float32 (pca_dim, C) PCA rows, or None.
+        pq: the product quantiser of ``dtype`` "pq" (learned on the transformed vectors).
     """
 
     num_proposals: int = 0
@@ -108,6 +112,7 @@ class RegionCompression:
     fields: Sequence[str] = ("rpa_sum", "rpa_max")
     mean: Optional[np.ndarray] = field(default=None, repr=False)
     components: Optional[np.ndarray] = field(default=None, repr=False)
+    pq: Optional[RegionPQ] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.dtype not in REGION_DTYPES:
@@ -120,17 +125,42 @@ class RegionCompression:
             raise ValueError(
                 f"components have {self.components.shape[0]} rows, pca_dim is {self.pca_dim}"
             )
+        if (self.dtype == "pq") != (self.pq is not None):
+            raise ValueError("dtype 'pq' needs a learned product quantiser, and only it")
         self.fields = tuple(self.fields)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The numpy dtype of the stored codes (uint8 for product-quantised codes)."""
+        return "uint8" if self.dtype == "pq" else self.dtype
 
     @classmethod
     def learn(
-        cls, vectors: np.ndarray, num_proposals=0, pca_dim=0, dtype="float16", **kw
+        cls,
+        vectors: np.ndarray,
+        num_proposals=0,
+        pca_dim=0,
+        dtype="float16",
+        pq_m: int = 0,
+        opq: bool = False,
+        trained_on: str = "",
+        projection=None,
+        **kw,
     ) -> "RegionCompression":
-        """A compression whose PCA (if ``pca_dim``) is learned on ``vectors`` (M, C)."""
-        mean = comps = None
-        if pca_dim:
+        """A compression whose PCA (if ``pca_dim``) and product quantiser (``dtype`` "pq", of
+        ``pq_m`` bytes, with an OPQ rotation if ``opq``) are learned on ``vectors`` (M, C).
+        ``projection``: a given (mean, components) pair (e.g. a PCA whitening learned
+        elsewhere) used instead of learning a PCA; the quantiser is learned on its output."""
+        mean = comps = pq = None
+        if projection is not None:
+            mean, comps = (np.asarray(a, dtype=np.float32) for a in projection)
+            pca_dim = comps.shape[0]
+        elif pca_dim:
             mean, comps = learn_region_pca(vectors, pca_dim)
-        return cls(num_proposals, pca_dim, dtype, mean=mean, components=comps, **kw)
+        if dtype == "pq":
+            plain = cls(num_proposals, pca_dim, "float32", mean=mean, components=comps)
+            pq = learn_region_pq(plain.transform(vectors), pq_m, opq, trained_on=trained_on)
+        return cls(num_proposals, pca_dim, dtype, mean=mean, components=comps, pq=pq, **kw)
 
     def describe(self) -> dict:
         """JSON-able description (goes into the index manifest: resuming with another
@@ -146,6 +176,8 @@ class RegionCompression:
 
             h = hashlib.sha1(self.mean.tobytes() + self.components.tobytes()).hexdigest()[:16]
             d["pca_hash"] = h
+        if self.pq is not None:
+            d["pq"] = self.pq.describe()
         return d
 
     # -- vectors ---------------------------------------------------------------------------
@@ -168,12 +200,29 @@ class RegionCompression:
         x = self.transform(np.asarray(vectors).reshape(-1, np.asarray(vectors).shape[-1]))
         if self.dtype == "int8":
             return quantize_int8(x)
+        if self.pq is not None:
+            return self.pq.encode(x)
         return x.astype(self.dtype)
 
     def project_query(self, vector: np.ndarray) -> np.ndarray:
-        """The query region vector (C,) in the stored vectors' space: float32 (D,), unit norm.
-        Not quantised: only the database side pays the rounding."""
-        return self.transform(np.asarray(vector).reshape(-1))
+        """The query region vector (C,) in the stored vectors' space: float32 (D,), unit norm
+        (for product-quantised codes: rotated as the codes were). Not quantised: only the
+        database side pays the rounding."""
+        x = self.transform(np.asarray(vector).reshape(-1))
+        return self.pq.rotate(x) if self.pq is not None else x
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Stored rows (K, D') as float32 vectors (K, D) of the query's space (see
+        :meth:`project_query`), proportional to the stored unit vectors (PQ: reconstructions)."""
+        if self.pq is not None:
+            return self.pq.decode(codes)
+        return np.asarray(codes, dtype=np.float32)
+
+    def similarity(self):
+        """How CA-SR scores stored rows against the projected query: ``fn(parts, q) -> cosines``
+        from the codes (asymmetric distance) for product-quantised codes; None (cosines of the
+        stored vectors) otherwise."""
+        return self.pq.cosines if self.pq is not None else None
 
     def keep(self, objectness: np.ndarray) -> np.ndarray:
         """Indices of the kept proposals: the ``num_proposals`` of highest objectness (ties: the
@@ -190,7 +239,7 @@ class RegionCompression:
 
         Args:
             record: field -> array as given to :meth:`IndexWriter.add` (proposal fields (K, ...),
-                ``objectness`` (K,) among them).
+                best first; ``objectness`` (K,) when stored decides which are kept).
             schema: the uncompressed schema (tells which fields are per proposal).
 
         Returns:
@@ -198,8 +247,8 @@ class RegionCompression:
         """
         if "objectness" in record:
             keep = self.keep(np.asarray(record["objectness"]))
-        elif self.num_proposals:
-            raise ValueError("keeping the best proposals needs the 'objectness' field")
+        elif self.num_proposals:  # proposals are stored best first
+            keep = slice(0, int(self.num_proposals))
         else:
             keep = slice(None)
         out = {}
@@ -208,12 +257,15 @@ class RegionCompression:
             if spec.scope == "proposal":
                 v = v[keep]
                 if spec.name in self.fields:
-                    v = self.encode(v) if v.shape[0] else np.zeros((0, self.dim(v)), self.dtype)
+                    empty = np.zeros((0, self.dim(v)), self.storage_dtype)
+                    v = self.encode(v) if v.shape[0] else empty
             out[spec.name] = v
         return out
 
     def dim(self, v: np.ndarray) -> int:
-        """Stored dimension for input vectors ``v`` (..., C)."""
+        """Stored dimension for input vectors ``v`` (..., C): bytes per code for PQ."""
+        if self.pq is not None:
+            return self.pq.m
         return int(self.pca_dim) or int(v.shape[-1])
 
     def schema(self, schema: IndexSchema) -> IndexSchema:
@@ -222,7 +274,8 @@ class RegionCompression:
         fields = []
         for f in schema.fields:
             if f.name in self.fields:
-                f = FieldSpec(f.name, f.scope, "exact", (int(self.pca_dim) or None,), self.dtype)
+                dim = self.pq.m if self.pq is not None else int(self.pca_dim) or None
+                f = FieldSpec(f.name, f.scope, "exact", (dim,), self.storage_dtype)
             fields.append(f)
         return IndexSchema(fields)
 
@@ -232,6 +285,8 @@ class RegionCompression:
         arrays = {"config": np.array(json.dumps(self.describe()))}
         if self.pca_dim:
             arrays["mean"], arrays["components"] = self.mean, self.components
+        if self.pq is not None:
+            arrays.update(self.pq.arrays())
         np.savez(path, **arrays)
 
     @classmethod
@@ -240,7 +295,12 @@ class RegionCompression:
             cfg = json.loads(str(d["config"]))
             mean = np.array(d["mean"]) if "mean" in d.files else None
             comps = np.array(d["components"]) if "components" in d.files else None
-        return cls(cfg["num_proposals"], cfg["pca_dim"], cfg["dtype"], cfg["fields"], mean, comps)
+            pq = None
+            if "pq_centroids" in d.files:
+                pq = RegionPQ.from_arrays(d, cfg["pq"].get("trained_on", ""))
+        return cls(
+            cfg["num_proposals"], cfg["pca_dim"], cfg["dtype"], cfg["fields"], mean, comps, pq
+        )
 
 
 def load_region_compression(index_root) -> Optional[RegionCompression]:

@@ -17,6 +17,7 @@ from detectron2.modeling import build_model
 from ..data.boxes import validate_box, warn_if_below_cell
 from ..data.mapper import RetrievalDatasetMapper, UnreadableImageError
 from ..modeling.checkpoint import RetrievalCheckpointer
+from .contents import IndexContents, contents_from_config
 from .normalization import l2_normalize
 from .query_scales import combine_query_records, query_resize_factors, resized_shape
 
@@ -24,8 +25,10 @@ __all__ = [
     "FeatureExtractor",
     "outputs_to_record",
     "outputs_to_query",
+    "feature_state_dict",
     "model_fingerprint",
     "weights_hash",
+    "WEIGHTS_SCOPES",
 ]
 
 logger = logging.getLogger("retrieval_ext")
@@ -52,14 +55,43 @@ def comparable_model_config(text: str):
     return values
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """SHA-1 of every parameter and buffer of ``model`` (names, shapes and bytes), 16 hex digits.
+# What a stored index depends on: "regions" = the weights that shape its IPA, proposals and region
+# vectors (backbone, proposal generator, and the head's layers feeding RPA, e.g. C4's res5 with
+# RPA_AFTER_RES5); "all" = the whole model, for an index that also stores class outputs. Indexes
+# written before the scope was recorded hashed the whole model ("all").
+WEIGHTS_SCOPES = ("regions", "all")
+
+
+def _in_scope(name: str, scope: str, head_prefixes) -> bool:
+    if scope == "all" or not name.startswith("roi_heads."):
+        return True
+    rest = name[len("roi_heads.") :]
+    return any(rest == p or rest.startswith(p + ".") for p in head_prefixes)
+
+
+def feature_state_dict(model: torch.nn.Module, scope: str = "all") -> Dict[str, torch.Tensor]:
+    """The parameters and buffers of ``model`` in a weights scope (see ``WEIGHTS_SCOPES``).
+
+    Returns:
+        {name: tensor}, names as in ``model.state_dict()``.
+    """
+    if scope not in WEIGHTS_SCOPES:
+        raise ValueError(f"weights scope must be one of {WEIGHTS_SCOPES}, got {scope!r}")
+    model = getattr(model, "module", model)
+    heads = getattr(model, "roi_heads", None)
+    prefixes = heads.region_feature_prefixes() if hasattr(heads, "region_feature_prefixes") else ()
+    return {k: v for k, v in model.state_dict().items() if _in_scope(k, scope, tuple(prefixes))}
+
+
+def weights_hash(model: torch.nn.Module, scope: str = "all") -> str:
+    """SHA-1 of the parameters and buffers of ``model`` in ``scope`` (names, shapes and bytes),
+    16 hex digits.
 
     Hashing the loaded tensors rather than the weights file also covers weights set in code
     (e.g. the EfficientNet ImageNet initialisation) and is independent of the file's path.
     """
     h = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(feature_state_dict(model, scope).items()):
         t = tensor.detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
@@ -67,11 +99,12 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(cfg, model: torch.nn.Module) -> Dict[str, str]:
+def model_fingerprint(cfg, model: torch.nn.Module, scope: str = "all") -> Dict[str, str]:
     """What an index must agree on with the model that searches it.
 
     Returns:
-        {"model_config": YAML text of the feature-relevant config, "weights_hash": ...}
+        {"model_config": YAML text of the feature-relevant config, "weights_hash": the weights
+        of ``scope``, "weights_scope": ``scope``}
     """
     parts = []
     for key in _FEATURE_CONFIG_KEYS:
@@ -81,40 +114,64 @@ def model_fingerprint(cfg, model: torch.nn.Module) -> Dict[str, str]:
             for k in _IGNORED_MODEL_KEYS:
                 node.pop(k, None)
         parts.append(f"{key}:\n" + "\n".join("  " + line for line in node.dump().splitlines()))
-    return {"model_config": "\n".join(parts), "weights_hash": weights_hash(model)}
+    return {
+        "model_config": "\n".join(parts),
+        "weights_hash": weights_hash(model, scope),
+        "weights_scope": scope,
+    }
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy()
 
 
-def outputs_to_record(output: dict, height: int, width: int, class_boxes: bool) -> dict:
-    """One image's RetrievalRCNN output as an index record (numpy arrays).
+def outputs_to_record(output: dict, height: int, width: int, contents: IndexContents) -> dict:
+    """One image's RetrievalRCNN output as an index record (numpy arrays) of ``contents``.
 
-    RPA vectors are stored L2-normalised: every use normalises them first, and raw sum-pooled
-    activations can exceed the float16 range (65504) that compact indexes store them in. IPA
-    vectors are kept raw (the index keeps them in float32).
+    Vectors are stored L2-normalised: every use normalises them first, and raw sum-pooled
+    activations can exceed the float16 range (65504) that compact indexes store them in.
 
     Returns:
-        dict with ``ipa_sum``, ``ipa_max`` (C,), ``height``, ``width``, and per kept proposal
-        ``boxes`` (K, 4), ``objectness`` (K,), ``rpa_sum``, ``rpa_max`` (K, C', L2-normalised),
-        ``scores`` (K, num_classes + 1) and, if ``class_boxes``, ``class_boxes`` (K, B, 4).
+        dict with ``height``, ``width``, the stored IPA poolings ``ipa_sum`` / ``ipa_max`` (C,),
+        and per kept proposal ``boxes`` (K, 4) (original pixels), the stored region poolings
+        ``rpa_sum`` / ``rpa_max`` (K, C'), and as ``contents`` says ``objectness`` (K,),
+        ``scores`` (K, num_classes + 1) or top-k ``class_ids`` / ``scores`` (K, k), and
+        ``class_boxes`` (K, B, 4) or (K, k, 4).
     """
     p = output["proposals"]
-    rec = {
-        "ipa_sum": _np(output["ipa_sum"]),
-        "ipa_max": _np(output["ipa_max"]),
-        "height": np.int64(height),
-        "width": np.int64(width),
-        "boxes": _np(p.proposal_boxes.tensor),
-        "objectness": _np(p.objectness_logits),
-        "rpa_sum": l2_normalize(_np(p.rpa_sum)),
-        "rpa_max": l2_normalize(_np(p.rpa_max)),
-        "scores": _np(p.scores),
-    }
-    if class_boxes:
-        rec["class_boxes"] = _np(p.class_boxes)
+    rec = {"height": np.int64(height), "width": np.int64(width)}
+    for pooling in contents.ipa_poolings:
+        v = _np(output[f"ipa_{pooling}"])
+        rec[f"ipa_{pooling}"] = l2_normalize(v) if contents.ipa_normalized else v
+    rec["boxes"] = _np(p.proposal_boxes.tensor)
+    if contents.objectness:
+        rec["objectness"] = _np(p.objectness_logits)
+    for pooling in contents.region_poolings:
+        rec[f"rpa_{pooling}"] = l2_normalize(_np(p.get(f"rpa_{pooling}")))
+    if contents.class_outputs:
+        rec.update(_class_record(p, contents))
     return rec
+
+
+def _class_record(p, contents: IndexContents) -> dict:
+    """Class probabilities (and boxes) of the kept proposals: all classes, or the top k."""
+    scores = _np(p.scores)
+    boxes = _np(p.class_boxes) if contents.class_boxes else None
+    k = int(contents.class_top_k)
+    if not k:
+        return {"scores": scores} if boxes is None else {"scores": scores, "class_boxes": boxes}
+    # the k most probable object classes (background, the last column, left out); ties: lower id
+    ids = np.argsort(-scores[:, :-1], axis=1, kind="stable")[:, :k]
+    out = {
+        "class_ids": ids.astype(np.int16),
+        "scores": np.take_along_axis(scores, ids, axis=1),
+    }
+    if boxes is not None:
+        if boxes.shape[1] == 1:  # class-agnostic regression: one box for every class
+            out["class_boxes"] = np.repeat(boxes, k, axis=1)
+        else:
+            out["class_boxes"] = np.take_along_axis(boxes, ids[:, :, None], axis=1)
+    return out
 
 
 def outputs_to_query(output: dict) -> dict:
@@ -140,26 +197,61 @@ class FeatureExtractor:
         cfg: a frozen retrieval_ext config.
         model: an already built model to use instead of building one from ``cfg`` (e.g. the
             trainer's model during periodic evaluation).
+        contents: what the database records hold; default from ``cfg.RETRIEVAL.STORE``
+            (:func:`~.contents.contents_from_config`).
     """
 
-    def __init__(self, cfg, model: Optional[torch.nn.Module] = None):
+    def __init__(
+        self,
+        cfg,
+        model: Optional[torch.nn.Module] = None,
+        contents: Optional[IndexContents] = None,
+    ):
         self.cfg = cfg
+        # the file the weights came from, when one identifies them (see index_weights.py)
+        self.weights_file = ""
+        # a model handed in (the trainer's) holds weights no config names
+        self.model_given = model is not None
         if model is None:
             model = build_model(cfg)
             if cfg.MODEL.WEIGHTS:
                 RetrievalCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+                self.weights_file = cfg.MODEL.WEIGHTS
         self.model = model
         self.mapper = RetrievalDatasetMapper(cfg, is_train=False)
-        self.store_class_boxes = bool(cfg.RETRIEVAL.STORE_CLASS_BOXES)
+        self.contents = contents if contents is not None else contents_from_config(cfg)
         # box sizes (fractions of MIN_SIZE_TEST) of a multi-scale query; () = one pass
         self.query_scales = tuple(float(f) for f in cfg.RETRIEVAL.QUERY_SCALES)
-        self._fingerprint = None
+        self._fingerprints: Dict[str, Dict[str, str]] = {}
+
+    @property
+    def weights_scope(self) -> str:
+        """The weights the index this extractor writes depends on (``WEIGHTS_SCOPES``)."""
+        return "all" if self.contents.class_outputs else "regions"
 
     @property
     def fingerprint(self) -> Dict[str, str]:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.cfg, self.model)
-        return self._fingerprint
+        """:func:`model_fingerprint` in this extractor's :attr:`weights_scope`."""
+        return self.fingerprint_for(self.weights_scope)
+
+    def fingerprint_for(self, scope: str) -> Dict[str, str]:
+        """:func:`model_fingerprint` of the model's weights in ``scope`` (cached)."""
+        if scope not in self._fingerprints:
+            self._fingerprints[scope] = model_fingerprint(self.cfg, self.model, scope)
+        return self._fingerprints[scope]
+
+    def load_weights(self, state_dict: Dict[str, torch.Tensor]):
+        """Load ``state_dict`` (a :func:`feature_state_dict`) into the model, every key of it.
+
+        Raises:
+            ValueError: a key the model lacks, or a tensor of another shape (names them).
+        """
+        own = self.model.state_dict()
+        bad = [k for k, v in state_dict.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"weights {bad[:5]} do not fit the model built from the config")
+        self.model.load_state_dict(state_dict, strict=False)
+        self._fingerprints.clear()
 
     def load_inputs(self, dataset_dicts: Sequence[dict]):
         """Map dataset dicts to model inputs, separating the unreadable ones.
@@ -177,29 +269,46 @@ class FeatureExtractor:
         return inputs, failed
 
     @torch.no_grad()
-    def run(self, model_inputs: List[dict]) -> List[dict]:
-        """Run the model in eval mode (restoring its mode afterwards)."""
+    def run(self, model_inputs: List[dict], class_outputs: bool = True) -> List[dict]:
+        """Run the model in eval mode (restoring its mode afterwards); ``class_outputs=False``
+        skips the box head (see ``RetrievalRCNN.inference``)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.model(model_inputs)
+            if class_outputs:
+                return self.model(model_inputs)
+            return getattr(self.model, "module", self.model).inference(
+                model_inputs, class_outputs=False
+            )
         finally:
             self.model.train(was_training)
 
-    def database_records(self, dataset_dicts: Sequence[dict]):
+    def database_records(self, dataset_dicts: Sequence[dict], batch_size: int = 0):
         """Records of database images.
 
+        Images are batched only with images of the same network-input size, at most
+        ``batch_size`` at a time (0 = all of them together): a batch pads its images to the
+        largest, and padding changes the features near the edges (a deep network's receptive
+        field spans the whole image), so records do not depend on which images share a batch.
+
         Returns:
-            (records, failed): ``records`` a list of (image_id, record) pairs, ``failed`` a list
-            of (image_id, reason) pairs for images that could not be read.
+            (records, failed): ``records`` a list of (image_id, record) pairs in input order,
+            ``failed`` a list of (image_id, reason) pairs for images that could not be read.
         """
         inputs, failed = self.load_inputs(dataset_dicts)
-        records = []
-        if inputs:
-            outputs = self.run([x for _, x in inputs])
-            for (d, x), out in zip(inputs, outputs):
-                rec = outputs_to_record(out, x["height"], x["width"], self.store_class_boxes)
-                records.append((d["image_id"], rec))
+        groups: Dict[tuple, List[int]] = {}
+        for j, (_, x) in enumerate(inputs):
+            groups.setdefault(tuple(x["image"].shape), []).append(j)
+        step = int(batch_size) or max(len(inputs), 1)
+        records = [None] * len(inputs)
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                part = members[start : start + step]
+                outputs = self.run([inputs[j][1] for j in part], self.contents.class_outputs)
+                for j, out in zip(part, outputs):
+                    d, x = inputs[j]
+                    rec = outputs_to_record(out, x["height"], x["width"], self.contents)
+                    records[j] = (d["image_id"], rec)
         return records, [(d["image_id"], reason) for d, reason in failed]
 
     @torch.no_grad()

@@ -6,10 +6,12 @@ index, resuming an interrupted run and sharing the work between torch.distribute
 """
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 from detectron2.config import configurable
 from detectron2.utils import comm
 from tqdm import tqdm
@@ -17,19 +19,22 @@ from tqdm import tqdm
 from ..data.datasets.catalog import get_dataset_dicts, skipped_images
 from ..utils.io import atomic_write
 from .compression import COMPRESSION_FILE, RegionCompression
+from .contents import IndexContents
 from .extractor import FeatureExtractor, comparable_model_config
 from .index_store import (
-    FieldSpec,
+    IndexMismatchError,
     IndexReader,
     IndexSchema,
     IndexWriteError,
     IndexWriter,
-    default_schema,
 )
+from .index_store.manifest import jsonable
+from .index_weights import WEIGHTS_KEY, adopt_index_weights, recorded_weights, weights_record
 
 __all__ = [
     "MANIFEST_NORMALIZERS",
     "build_index",
+    "check_index_model",
     "index_manifest",
     "index_schema",
     "open_index",
@@ -42,21 +47,60 @@ MANIFEST_NORMALIZERS = {"model_config": comparable_model_config}
 
 
 def index_manifest(extractor: FeatureExtractor, dataset: str) -> dict:
-    """What an index records about how it was made; a search refuses an index that differs."""
-    return {"dataset": dataset, **extractor.fingerprint}
+    """What an index records about how it was made: the dataset, the model (config text and the
+    hash of the weights its features depend on, see ``extractor.WEIGHTS_SCOPES``) and what it
+    stores (``contents``)."""
+    return {"dataset": dataset, **extractor.fingerprint, "contents": extractor.contents.to_json()}
 
 
-def index_schema(class_boxes: bool) -> IndexSchema:
-    """The stored fields: :func:`default_schema` with the IPA vectors kept in float32.
+def index_schema(contents: IndexContents) -> IndexSchema:
+    """The stored fields of an (uncompressed) index of ``contents``."""
+    return contents.schema()
 
-    IPA vectors are raw sums over whole feature maps, which can exceed float16's range; they
-    cost 2 x C floats per image, negligible beside the region features.
+
+def check_index_model(index: IndexReader, extractor: FeatureExtractor, dataset: str):
+    """Refuse ``index`` unless it holds ``dataset`` as ``extractor``'s model computes it.
+
+    The weights are compared in the scope the index recorded (indexes without a scope hashed
+    the whole model), so that an index of region features accepts any box head.
+
+    Raises:
+        IndexMismatchError: naming what differs; for the weights, also where the index says
+            its weights are.
     """
-    fields = [
-        FieldSpec(f.name, "image", "exact", f.shape, "float32") if f.name.startswith("ipa_") else f
-        for f in default_schema(class_boxes=class_boxes).fields
-    ]
-    return IndexSchema(fields)
+    scope = index.manifest.get("weights_scope", "all")
+    fp = extractor.fingerprint_for(scope)
+    expected = {
+        "dataset": dataset,
+        "model_config": fp["model_config"],
+        "weights_hash": fp["weights_hash"],
+    }
+    try:
+        index.check_compatible(expected, keys=list(expected), normalize=MANIFEST_NORMALIZERS)
+    except IndexMismatchError as e:
+        if "weights_hash" not in e.keys:
+            raise
+        where = recorded_weights(str(index.root), index.manifest)
+        hint = (
+            f"; it was built with the weights in {where}: set MODEL.WEIGHTS to that file (or "
+            "leave MODEL.WEIGHTS empty to load them)"
+            if where is not None
+            else ""
+        )
+        raise IndexMismatchError(f"{e}{hint}", e.keys) from None
+
+
+def _storage_note(index: IndexReader, manifest: dict, index_dir: str):
+    """Log that a reused index stores other fields or another compression than the config
+    asks for: it is searched as it is (each stage reads what the index holds)."""
+    stored = {k: index.manifest.get(k) for k in ("contents", "region_compression")}
+    wanted = {k: manifest.get(k) for k in ("contents", "region_compression")}
+    if jsonable(stored) != jsonable(wanted):
+        logger.warning(
+            f"the index {index_dir} stores {stored}, the config asks for {wanted}; it is used "
+            "as it is. To convert it without extracting again: python tools/compress_index.py "
+            "--config-file CFG [the same KEY VALUE options]; or delete it to index again"
+        )
 
 
 def prepare_compressed_index(
@@ -92,7 +136,7 @@ def _image_list(dataset: str, dicts: List[dict]) -> Tuple[List[str], Dict[str, s
     return [d["image_id"] for d in dicts] + sorted(pre_skipped), pre_skipped
 
 
-def _complete_index(index_dir: str, manifest: dict, image_list: List[str]):
+def _complete_index(index_dir: str, extractor: FeatureExtractor, manifest: dict, image_list):
     """The index already in ``index_dir`` if it is complete for ``image_list``; else None.
 
     Raises:
@@ -101,9 +145,10 @@ def _complete_index(index_dir: str, manifest: dict, image_list: List[str]):
     if not (Path(index_dir) / "manifest.json").is_file():
         return None
     index = IndexReader(index_dir)
-    index.check_compatible(manifest, normalize=MANIFEST_NORMALIZERS)
+    check_index_model(index, extractor, manifest["dataset"])
     if index.info["image_list"] != image_list:
         return None
+    _storage_note(index, manifest, index_dir)
     logger.info(f"index {index_dir} is complete ({index.num_images} images), reused")
     return index
 
@@ -171,11 +216,13 @@ def _extract(
     bar: tqdm,
     failed: List[Tuple[str, str]],
 ):
-    """One forward pass per image of ``todo``, in batches; records go to ``writer``."""
-    schema = index_schema(extractor.store_class_boxes)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        records, bad = extractor.database_records(chunk)
+    """One forward pass per image of ``todo``, in batches of images of one input size (read a
+    few batches ahead to fill them); records go to ``writer``."""
+    schema = index_schema(extractor.contents)
+    window = batch_size if batch_size <= 1 else 4 * batch_size
+    for start in range(0, len(todo), window):
+        chunk = todo[start : start + window]
+        records, bad = extractor.database_records(chunk, batch_size)
         for image_id, rec in records:
             if compression is not None:
                 rec = compression.compress_record(rec, schema)
@@ -209,6 +256,7 @@ def build_index(
     batch_size: int = 1,
     show_progress: bool = True,
     compression: Optional[RegionCompression] = None,
+    sample_images: int = 0,
 ) -> IndexReader:
     """Extract every image of ``<dataset>_db`` once and store its features in ``index_dir``.
 
@@ -224,6 +272,9 @@ def build_index(
     torch.distributed each rank extracts the pending images at its positions of the database
     (``i % world_size == rank``) into its own shards and rank 0 finalizes after all ranks are
     done.
+
+    With ``sample_images`` > 0, only that many images, evenly spread over the database, are
+    indexed (a sample to learn a transform on).
 
     Unreadable images are skipped and listed in the manifest's ``failed`` ({name: reason}):
     those the dataset loader already left out (empty files, non-images, named in its warning)
@@ -241,17 +292,24 @@ def build_index(
     """
     db_name = f"{dataset}_db"
     dicts = get_dataset_dicts(db_name)
-    image_list, pre_skipped = _image_list(dataset, dicts)
+    if sample_images and len(dicts) > sample_images:
+        picks = sorted({round(x) for x in np.linspace(0, len(dicts) - 1, int(sample_images))})
+        dicts = [dicts[i] for i in picks]
+        image_list, pre_skipped = [d["image_id"] for d in dicts], {}
+    else:
+        image_list, pre_skipped = _image_list(dataset, dicts)
     manifest = index_manifest(extractor, dataset)
     if compression is not None:
         manifest = dict(manifest, region_compression=compression.describe())
-    index = _complete_index(index_dir, manifest, image_list)
+    index = _complete_index(index_dir, extractor, manifest, image_list)
     if index is not None:
         return index
     if not image_list:
         raise ValueError(f"{db_name} has no database images: nothing to index")
     rank, world = comm.get_rank(), comm.get_world_size()
-    schema = index_schema(extractor.store_class_boxes)
+    work_dir = os.path.dirname(os.path.abspath(index_dir))
+    manifest[WEIGHTS_KEY] = weights_record(extractor, work_dir)
+    schema = index_schema(extractor.contents)
     stored_schema, manifest = prepare_compressed_index(compression, schema, manifest, index_dir)
     writer = IndexWriter(index_dir, manifest, shard_size, dtype, rank, stored_schema)
     with _writing(writer, db_name) as failed:
@@ -277,11 +335,14 @@ def build_index(
 def open_index(index_dir: str, extractor: Optional[FeatureExtractor], dataset: str) -> IndexReader:
     """Open a finalized index, refusing it if it was built with another model or config.
 
-    How its region features were compressed is read from the index itself, so only the keys of
-    :func:`index_manifest` (dataset, model config, weights) are compared.
+    When the extractor's config names no weights file, the weights the index records are loaded
+    into its model first (:func:`~.index_weights.adopt_index_weights`). What the index stores and
+    how its region features are compressed are read from the index itself, so only the dataset,
+    the model config and the weights are compared (:func:`check_index_model`).
     """
+    if extractor is not None:
+        adopt_index_weights(extractor, index_dir)
     index = IndexReader(index_dir)
     if extractor is not None:
-        expected = index_manifest(extractor, dataset)
-        index.check_compatible(expected, keys=list(expected), normalize=MANIFEST_NORMALIZERS)
+        check_index_model(index, extractor, dataset)
     return index

@@ -4,9 +4,10 @@ The paper learns its whitening on Paris for Oxford and vice versa, so that nothi
 from the test set. :func:`load_or_learn` is that procedure once, for any transform: index the
 other dataset (once, under the work dir), learn the transform on its index on the main process,
 save it keyed by the model's weights hash, and load it on every rank. The whitening and the
-region PCA are its users.
+region PCA and the region product quantiser are its users.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -21,7 +22,13 @@ from .index_store import IndexReader
 from .indexing import build_index
 from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
 
-__all__ = ["load_or_learn", "load_or_learn_region_pca", "load_or_learn_whitening"]
+__all__ = [
+    "load_or_learn_region_whitening",
+    "load_or_learn",
+    "load_or_learn_region_pca",
+    "load_or_learn_region_pq",
+    "load_or_learn_whitening",
+]
 
 logger = logging.getLogger("retrieval_ext")
 T = TypeVar("T")
@@ -35,6 +42,7 @@ def load_or_learn(
     variant: str,
     learn: Callable[[IndexReader], T],
     load: Callable[[Path], T],
+    sample_images: int = 0,
     **index_kwargs,
 ) -> T:
     """A transform learned on ``dataset``'s database features, saved and reused.
@@ -46,12 +54,14 @@ def load_or_learn(
     Args:
         extractor: the model whose features the transform applies to.
         dataset: the dataset learned on; its database is indexed (once) into
-            ``work_dir/index-<dataset>``.
+            ``work_dir/index-<dataset>`` (``index-<dataset>-sample<n>`` with ``sample_images``).
         work_dir: where the file and that index live.
         kind: what is learned, e.g. ``"whitening"``.
         variant: the transform's settings, e.g. ``"d128"``.
         learn: the index -> the transform (an object with ``save(path)``); main process only.
         load: a saved file -> the transform.
+        sample_images: > 0: index and learn on that many of the dataset's images only, evenly
+            spread over it (see :func:`~.indexing.build_index`).
         index_kwargs: :func:`~.indexing.build_index`'s options (e.g. ``show_progress=False``), or
             ``cfg=cfg`` to take them from ``cfg.RETRIEVAL``.
 
@@ -64,10 +74,12 @@ def load_or_learn(
     key = extractor.fingerprint["weights_hash"]
     path = Path(work_dir) / f"{kind}-{dataset}-{key}-{variant}.npz"
     if not path.is_file():
+        folder = f"index-{dataset}" + (f"-sample{sample_images}" if sample_images else "")
         index = build_index(
             extractor=extractor,
             dataset=dataset,
-            index_dir=str(Path(work_dir) / f"index-{dataset}"),
+            index_dir=str(Path(work_dir) / folder),
+            sample_images=sample_images,
             **index_kwargs,
         )
         if comm.is_main_process():
@@ -143,7 +155,7 @@ def load_or_learn_region_pca(
     **index_kwargs,
 ) -> RegionCompression:
     """A region compression whose PCA is learned on ``dataset``'s database region vectors
-    (``rpa_sum`` and ``rpa_max`` together), saved and reused.
+    (the stored poolings, ``rpa_sum`` and / or ``rpa_max``, together), saved and reused.
 
     Args:
         dim: PCA dimensions.
@@ -152,12 +164,7 @@ def load_or_learn_region_pca(
     """
 
     def learn(index: IndexReader) -> RegionCompression:
-        vecs = [
-            np.asarray(index.regions(i)[f], dtype=np.float32)
-            for i in range(index.num_images)
-            for f in ("rpa_sum", "rpa_max")
-        ]
-        learned = RegionCompression.learn(np.concatenate(vecs), num_proposals, dim, dtype)
+        learned = RegionCompression.learn(_region_vectors(index), num_proposals, dim, dtype)
         logger.info(f"learned the region PCA ({dim} dims) on {dataset}")
         return learned
 
@@ -174,3 +181,147 @@ def load_or_learn_region_pca(
     return RegionCompression(
         num_proposals, dim, dtype, mean=learned.mean, components=learned.components
     )
+
+
+def _region_vectors(index: IndexReader) -> np.ndarray:
+    """Every stored region vector of ``index`` (the stored poolings together), float32."""
+    stored = [f for f in ("rpa_sum", "rpa_max") if f in index.schema]
+    return np.concatenate(
+        [
+            np.asarray(index.regions(i)[f], dtype=np.float32)
+            for i in range(index.num_images)
+            for f in stored
+        ]
+    )
+
+
+# at most about this many region vectors learn the region whitening (the first proposals of
+# each image: stored best first), which bounds its memory on a large whitening dataset
+REGION_WHITENING_MAX_VECTORS = 65536
+
+
+def load_or_learn_region_whitening(
+    extractor: FeatureExtractor, whitening_dataset: str, work_dir: str, **index_kwargs
+) -> PCAWhitening:
+    """PCA whitening of sum-pooled region vectors, learned on ``whitening_dataset``'s database
+    ``rpa_sum`` vectors (L2-normalised; applied as L2 -> whiten -> L2, like IPA-sum), saved and
+    reused. The index of the whitening dataset must store ``rpa_sum`` (``RERANK_POOLING`` sum).
+
+    Raises:
+        ValueError: that index stores no ``rpa_sum``, or too few vectors to learn on.
+    """
+
+    def learn(index: IndexReader) -> PCAWhitening:
+        if "rpa_sum" not in index.schema:
+            raise ValueError(
+                f"the index of {whitening_dataset!r} stores no rpa_sum: the region whitening is "
+                "learned with RETRIEVAL.RERANK_POOLING sum (or STORE.REGION_POOLINGS ['sum'])"
+            )
+        per_image = max(1, REGION_WHITENING_MAX_VECTORS // max(index.num_images, 1))
+        X = l2_normalize(
+            np.concatenate(
+                [
+                    np.asarray(index.regions(i)["rpa_sum"])[:per_image]  # best first
+                    for i in range(index.num_images)
+                ]
+            )
+        )
+        w = learn_pca_whitening(X)
+        logger.info(
+            f"learned the region whitening on {len(X)} rpa_sum vectors of {whitening_dataset}"
+        )
+        return w
+
+    return load_or_learn(
+        extractor,
+        whitening_dataset,
+        work_dir,
+        "region-whitening",
+        "sum",
+        learn,
+        PCAWhitening.load,
+        **index_kwargs,
+    )
+
+
+def load_or_learn_region_pq(
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    m: int,
+    opq: bool = False,
+    num_proposals: int = 0,
+    sample_images: int = 0,
+    min_vectors: int = 39 * 256,
+    whitening: Optional[PCAWhitening] = None,
+    **index_kwargs,
+) -> RegionCompression:
+    """A region compression to product-quantised codes (``dtype`` "pq") whose quantiser is
+    learned on ``dataset``'s database region vectors, saved and reused.
+
+    Args:
+        dataset: the collection itself, indexed on a sample of ``sample_images`` images (as
+            faiss users learn on a sample of what they index), or another dataset (0 = all of
+            its images).
+        m, opq: bytes per code and whether an OPQ rotation is learned (see
+            :func:`~.product_quantization.learn_region_pq`).
+        num_proposals: proposals kept per image (see :class:`RegionCompression`).
+        min_vectors: fewer region vectors than this learn no quantiser: the compression is
+            int8 then (a warning says so).
+        whitening: vectors are whitened with it (L2 -> whiten -> L2) before they are quantised
+            (sum-pooled region vectors, :func:`load_or_learn_region_whitening`).
+        index_kwargs: see :func:`load_or_learn`.
+    """
+
+    proj = (whitening.mean, whitening.projection) if whitening is not None else None
+    plain = _projected(num_proposals, "int8", proj)
+
+    def learn(index: IndexReader) -> RegionCompression:
+        vecs = _region_vectors(index)
+        what = "sampled images" if sample_images else "images"
+        trained_on = f"{len(vecs)} region vectors of {index.num_images} {what} of {dataset}"
+        if len(vecs) < max(int(min_vectors), 256):
+            logger.warning(
+                f"{trained_on} are too few to learn a product quantiser (RETRIEVAL.REGION_PQ."
+                f"MIN_VECTORS {min_vectors}): region vectors are stored int8 instead"
+            )
+            return plain
+        learned = RegionCompression.learn(
+            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on, projection=proj
+        )
+        logger.info(f"learned the region product quantiser ({m} bytes) on {trained_on}")
+        return learned
+
+    variant = f"m{m}" + ("-opq" if opq else "") + (f"-s{sample_images}" if sample_images else "")
+    variant += f"-min{min_vectors}"
+    if whitening is not None:
+        variant += "-w" + hashlib.sha1(whitening.projection.tobytes()).hexdigest()[:12]
+    learned = load_or_learn(
+        extractor,
+        dataset,
+        work_dir,
+        "region-pq",
+        variant,
+        learn,
+        RegionCompression.load,
+        sample_images=sample_images,
+        **index_kwargs,
+    )
+    if learned.pq is None:  # too few vectors: int8
+        return plain
+    return RegionCompression(
+        num_proposals,
+        learned.pca_dim,
+        "pq",
+        mean=learned.mean,
+        components=learned.components,
+        pq=learned.pq,
+    )
+
+
+def _projected(num_proposals: int, dtype: str, projection=None) -> RegionCompression:
+    """A region compression to ``dtype``, through ``projection`` (mean, components) if given."""
+    if projection is None:
+        return RegionCompression(num_proposals, 0, dtype)
+    mean, comps = projection
+    return RegionCompression(num_proposals, comps.shape[0], dtype, mean=mean, components=comps)

@@ -1,7 +1,11 @@
 """Descriptor normalisation: L2 and PCA whitening (Salvador et al. 2016, Sec. 3.1).
 
 Sum-pooled vectors (IPA-sum, RPA-sum) are L2-normalised, PCA-whitened and L2-normalised again;
-max-pooled vectors are only L2-normalised. The whitening follows ``pcawhitenlearn`` of
+max-pooled vectors are only L2-normalised. IPA-sum is whitened here
+(:func:`normalize_descriptors`); sum-pooled region vectors (``RERANK_POOLING`` sum) are whitened
+by the index's region compression, with a whitening learned on the whitening dataset's
+``rpa_sum`` vectors (``RETRIEVAL.WHITEN_SUM_REGIONS``,
+:func:`~.learned.load_or_learn_region_whitening`). The whitening follows ``pcawhitenlearn`` of
 cnnimageretrieval-pytorch and is learned on a different dataset than the one searched (Paris for
 Oxford and vice versa).
 

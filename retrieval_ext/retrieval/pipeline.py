@@ -13,12 +13,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from detectron2.utils import comm
 from tqdm import tqdm
 
-from ..data.datasets.catalog import get_retrieval_metadata
+from ..data.datasets.catalog import get_dataset_dicts, get_retrieval_metadata
 from .compression import RegionCompression
+from .contents import MissingFieldError
 from .extractor import FeatureExtractor
 from .index_store import IndexReader
+from .index_weights import adopt_index_weights
 from .indexing import build_index
-from .learned import load_or_learn_region_pca, load_or_learn_whitening
+from .learned import (
+    load_or_learn_region_pca,
+    load_or_learn_region_pq,
+    load_or_learn_region_whitening,
+    load_or_learn_whitening,
+)
 from .normalization import PCAWhitening
 from .paths import IndexPaths
 from .queries import extract_queries
@@ -42,15 +49,32 @@ def region_compression(
     """The region compression of ``cfg.RETRIEVAL.REGION_*``; None when nothing is compressed.
 
     With ``REGION_PCA_DIM`` the PCA is learned on ``REGION_PCA_DATASET`` (default: the whitening
-    dataset), see :func:`~.learned.load_or_learn_region_pca`.
+    dataset), see :func:`~.learned.load_or_learn_region_pca`; with ``REGION_DTYPE`` "pq" the
+    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`).
 
     Raises:
         ValueError: PCA asked without a dataset to learn it on, or on the searched ``dataset``.
     """
     r = cfg.RETRIEVAL
     dtype = r.REGION_DTYPE or r.INDEX_DTYPE
-    if not r.REGION_NUM_PROPOSALS and not r.REGION_PCA_DIM and not r.REGION_DTYPE:
+    whitening = region_whitening(cfg, extractor, dataset, work_dir)
+    if not (r.REGION_NUM_PROPOSALS or r.REGION_PCA_DIM or r.REGION_DTYPE or whitening):
         return None
+    if whitening is not None and r.REGION_PCA_DIM:
+        raise ValueError(
+            "RETRIEVAL.REGION_PCA_DIM and the whitening of sum-pooled region vectors "
+            "(RETRIEVAL.WHITEN_SUM_REGIONS) cannot be combined: set one of them off"
+        )
+    if dtype == "pq":
+        return _region_pq(cfg, extractor, dataset, work_dir, whitening)
+    if whitening is not None:
+        return RegionCompression(
+            r.REGION_NUM_PROPOSALS,
+            whitening.out_dim,
+            dtype,
+            mean=whitening.mean,
+            components=whitening.projection,
+        )
     if not r.REGION_PCA_DIM:
         return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype)
     source = r.REGION_PCA_DATASET or r.WHITENING_DATASET
@@ -64,6 +88,63 @@ def region_compression(
     )
 
 
+def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening]:
+    """The whitening of sum-pooled region vectors (``RETRIEVAL.WHITEN_SUM_REGIONS``), learned on
+    ``WHITENING_DATASET``'s region vectors; None unless ``RERANK_POOLING`` is sum and both are
+    set."""
+    r = cfg.RETRIEVAL
+    if r.RERANK_POOLING != "sum" or not r.WHITEN_SUM_REGIONS or not r.WHITENING_DATASET:
+        return None
+    if r.WHITENING_DATASET == dataset:
+        logger.warning(
+            f"the region whitening is learned on {dataset!r}, the dataset searched: it leaks the "
+            "test images' statistics (RETRIEVAL.WHITENING_DATASET)"
+        )
+    return load_or_learn_region_whitening(extractor, r.WHITENING_DATASET, work_dir, cfg=cfg)
+
+
+def _region_pq(cfg, extractor, dataset, work_dir, whitening=None) -> RegionCompression:
+    """The product-quantised region compression of ``RETRIEVAL.REGION_PQ``: learned on a sample
+    of ``dataset`` itself, or on ``REGION_PQ.DATASET`` (on whitened vectors with
+    ``whitening``)."""
+    r = cfg.RETRIEVAL
+    if r.REGION_PCA_DIM:
+        raise ValueError(
+            "RETRIEVAL.REGION_DTYPE 'pq' quantises the full region vectors: set "
+            "RETRIEVAL.REGION_PCA_DIM 0 (or another REGION_DTYPE to store PCA-projected vectors)"
+        )
+    source = r.REGION_PQ.DATASET or dataset
+    own = source == dataset
+    sample = r.REGION_PQ.SAMPLE_IMAGES if own else 0
+    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
+    if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < r.REGION_PQ.MIN_VECTORS:
+        logger.warning(
+            f"{source} cannot give RETRIEVAL.REGION_PQ.MIN_VECTORS ({r.REGION_PQ.MIN_VECTORS}) "
+            "region vectors to learn a product quantiser on: region vectors are stored int8"
+        )
+        if whitening is None:
+            return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
+        return RegionCompression(
+            r.REGION_NUM_PROPOSALS,
+            whitening.out_dim,
+            "int8",
+            mean=whitening.mean,
+            components=whitening.projection,
+        )
+    return load_or_learn_region_pq(
+        extractor,
+        source,
+        work_dir,
+        r.REGION_PQ.M,
+        r.REGION_PQ.OPQ,
+        r.REGION_NUM_PROPOSALS,
+        sample_images=sample,
+        min_vectors=r.REGION_PQ.MIN_VECTORS,
+        whitening=whitening,
+        cfg=cfg,
+    )
+
+
 def prepare_index(
     cfg, extractor: FeatureExtractor, dataset: str, paths: IndexPaths
 ) -> Tuple[IndexReader, Optional[PCAWhitening]]:
@@ -73,9 +154,14 @@ def prepare_index(
     ``paths.work_dir``, beside the index they go with, so that runs sharing an index share them.
     Must run on every rank (indexing is shared between ranks).
 
+    When the config names no weights file, the weights an existing index in
+    ``paths.index_dir`` was built with are loaded first (see :mod:`.index_weights`).
+
     Returns:
         (index, whitening or None)
     """
+    # first: the region compression and the whitening are keyed by the weights' hash
+    adopt_index_weights(extractor, paths.index_dir)
     compression = region_compression(cfg, extractor, dataset, paths.work_dir)
     index = build_index(cfg, extractor, dataset, paths.index_dir, compression=compression)
     whitening = load_or_learn_whitening(
@@ -91,14 +177,28 @@ def prepare_index(
 
 def available_stages(searcher: IndexSearcher, stages: Sequence[str], num_query_classes: int):
     """The requested stages that apply: CS-SR only when the stored class scores are the query
-    objects' classes (a model fine-tuned on them)."""
+    objects' classes (a model fine-tuned on them).
+
+    Raises:
+        MissingFieldError: another requested stage needs a field the index does not store (the
+            message names the key to set).
+    """
     cs_ok = searcher.num_classes == num_query_classes
     skipped = [s for s in stages if s in CS_STAGES and not cs_ok]
     if skipped:
-        logger.info(
-            f"skipping {skipped}: the index's class scores have {searcher.num_classes} classes, "
-            f"not the {num_query_classes} query objects (CS-SR needs a fine-tuned model)"
+        held = (
+            f"class scores of {searcher.num_classes} classes"
+            if searcher.num_classes is not None
+            else "no class scores"
         )
+        logger.info(
+            f"skipping {skipped}: the index stores {held}, not of the {num_query_classes} query "
+            "objects (CS-SR needs a model fine-tuned on them)"
+        )
+    for s in stages:
+        problem = None if s in skipped else searcher.unsupported(s)
+        if problem:
+            raise MissingFieldError(f"index {searcher.index.root}: {problem}")
     return [s for s in stages if s not in skipped]
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "outlier_gate",
     "region_query_expansion",
     "gather_best_region_vectors",
+    "block_region_vectors",
 ]
 
 
@@ -172,3 +173,18 @@ def gather_best_region_vectors(result, region_vectors, m=5):
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack(rows)
+
+
+def block_region_vectors(result, images, region_vectors, decode=None) -> np.ndarray:
+    """L2-normalised region vectors of the located proposals of ``images`` (database indices of
+    the reranked block of ``result``), (M', D) in the order given; ``decode`` maps stored rows
+    (product-quantised codes) to float vectors."""
+    position = {int(i): j for j, i in enumerate(result.order[: result.top_n])}
+    rows = []
+    for i in images:
+        j = position[int(i)]
+        rows.append(np.asarray(region_vectors(int(i)))[int(result.best_proposal[j])])
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    rows = np.stack(rows)
+    return l2_normalize(decode(rows) if decode is not None else rows)

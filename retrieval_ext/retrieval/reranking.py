@@ -161,6 +161,7 @@ def class_agnostic_rerank(
     top_n=100,
     normalized=False,
     box_vote_delta=0.0,
+    similarity=None,
 ):
     """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
 
@@ -185,6 +186,10 @@ def class_agnostic_rerank(
         box_vote_delta (float): 0 (the paper): the best proposal's box locates the object;
             > 0: :func:`vote_box` of the image's proposals with this delta (scores, order and
             ``best_proposal`` are unchanged).
+        similarity (callable or None): ``fn(parts, q) -> (sum K_i,)`` scores of the rows of the
+            arrays ``parts`` against the unit query ``q``, for stored rows that are codes rather
+            than vectors (product-quantised: :meth:`RegionPQ.cosines`); None = cosines of the
+            stored vectors.
 
     Returns:
         RerankResult: block scores are cosine similarities in [-1, 1]; images without proposals
@@ -206,13 +211,13 @@ def class_agnostic_rerank(
         arr = np.asarray(arr)
         if arr.ndim != 2:
             raise ValueError(f"region_vectors[{i}] must be 2-D, got shape {arr.shape}")
-        if arr.shape[0] and arr.shape[1] != q.size:
+        if similarity is None and arr.shape[0] and arr.shape[1] != q.size:
             raise ValueError(f"region_vectors[{i}] has dim {arr.shape[1]}, query has {q.size}")
         counts[j] = arr.shape[0]
         if arr.shape[0]:
             parts.append(arr)
     if parts:
-        sims = _cosines(parts, q, normalized)
+        sims = _cosines(parts, q, normalized) if similarity is None else similarity(parts, q)
         ends = np.cumsum(counts)
         for j in np.flatnonzero(counts):
             seg = sims[ends[j] - counts[j] : ends[j]]

@@ -38,11 +38,12 @@ import numpy as np
 from detectron2.config import configurable
 
 from .compression import RegionCompression, load_region_compression
+from .contents import IndexContents, MissingFieldError, class_accessors
 from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
 from .query_expansion import (
     average_query_expansion,
-    gather_best_region_vectors,
+    block_region_vectors,
     outlier_gate,
     region_query_expansion,
 )
@@ -208,6 +209,10 @@ class IndexSearcher:
         self.top_n = int(top_n)
         self.qe_m = int(qe_m)
         self.qe_rerank_mode = qe_rerank_mode
+        self.contents = IndexContents.of_index(index)
+        problem = self.contents.missing("filtering", filter_pooling, rerank_pooling)
+        if problem:
+            raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
         self.box_vote_delta = float(box_vote_delta)
         self.qe_gate_z = float(qe_gate_z)
         self.cs_sr_box = cs_sr_box
@@ -227,13 +232,16 @@ class IndexSearcher:
         if region_compression == "auto":
             region_compression = load_region_compression(root) if root is not None else None
         self.region_compression: Optional[RegionCompression] = region_compression
-        self._rpa = index.region_accessor(f"rpa_{rerank_pooling}")
-        self._boxes = index.region_accessor("boxes")
-        self._scores = index.region_accessor("scores")
-        fields = set(index.schema.names)
-        self._class_boxes = (
-            index.region_accessor("class_boxes") if "class_boxes" in fields else None
+        c = self.contents
+        self._rpa = (
+            index.region_accessor(f"rpa_{rerank_pooling}")
+            if rerank_pooling in c.region_poolings
+            else None
         )
+        self._boxes = index.region_accessor("boxes")
+        self._scores = self._class_boxes = None
+        if c.class_outputs:
+            self._scores, self._class_boxes = class_accessors(index, c)
         self._lock = threading.Lock()
         self._num_classes = None
 
@@ -267,9 +275,28 @@ class IndexSearcher:
             "cs_sr_box": r.CS_SR_BOX,
         }
 
+    def unsupported(self, stage: str) -> Optional[str]:
+        """Why ``stage`` cannot run on this index (the field it lacks and the key to set), or
+        None when it can."""
+        for s in stage_chain(stage):
+            problem = self.contents.missing(s, self.filter_pooling, self.rerank_pooling)
+            if problem:
+                return problem
+        return None
+
+    @property
+    def supported_stages(self) -> Tuple[str, ...]:
+        """The stages this index has the stored fields for."""
+        return tuple(s for s in STAGES if self.unsupported(s) is None)
+
     @property
     def num_classes(self) -> Optional[int]:
-        """Object classes of the stored class scores (without background); None if no proposal."""
+        """Object classes of the stored class scores (without background); None if the index
+        stores none (or, for an index without recorded contents, has no proposal)."""
+        if self._scores is None:
+            return None
+        if self.contents.num_classes:
+            return self.contents.num_classes
         with self._lock:
             if self._num_classes is None:
                 for i in range(self.index.num_images):
@@ -314,6 +341,10 @@ class IndexSearcher:
         unknown = [s for s in stages if s not in STAGES]
         if unknown:
             raise ValueError(f"unknown stages {unknown}; choose from {list(STAGES)}")
+        for s in stages:
+            problem = self.unsupported(s)
+            if problem:
+                raise MissingFieldError(f"index {getattr(self.index, 'root', '')}: {problem}")
         if any(s in CS_STAGES for s in stages):
             k = self.num_classes
             if class_id is None or k is None or not 0 <= int(class_id) < k:
@@ -350,8 +381,11 @@ class IndexSearcher:
         return average_query_expansion(qv, self.db, order, m)
 
     def _ca(self, region, order, scores, n):
-        # compressed float vectors are stored unit-norm; int8 codes are scaled per vector
-        unit = self.region_compression is not None and self.region_compression.dtype != "int8"
+        # compressed float vectors are stored unit-norm; int8 codes are scaled per vector;
+        # product-quantised codes are scored from their codes (similarity)
+        comp = self.region_compression
+        unit = comp is not None and comp.dtype not in ("int8", "pq")
+        similarity = comp.similarity() if comp is not None else None
         return class_agnostic_rerank(
             region,
             order,
@@ -361,7 +395,16 @@ class IndexSearcher:
             n,
             normalized=unit,
             box_vote_delta=self.box_vote_delta,
+            similarity=similarity,
         )
+
+    def _best_regions(self, ca, images) -> np.ndarray:
+        """L2-normalised stored region vectors of the located proposals of ``images`` (database
+        indices of the CA-SR block, region QE); product-quantised codes are decoded, those rows
+        only."""
+        comp = self.region_compression
+        decode = comp.decode if comp is not None and comp.pq is not None else None
+        return block_region_vectors(ca, images, self._rpa, decode)
 
     def _cs(self, q: "_Query", order, scores, n):
         boxes = self._class_boxes if self._class_boxes is not None else self._boxes
@@ -418,10 +461,10 @@ class IndexSearcher:
         else:
             top = ca.order[: min(q.qe_m, ca.top_n)]
         if self.qe_rerank_mode == "region":
-            if self.qe_gate_z:
-                best = _block_vectors(ca, top, self._rpa)
-            else:
-                best = gather_best_region_vectors(ca, self._rpa, q.qe_m)
+            if not self.qe_gate_z:  # the top M located images
+                n_top = min(q.qe_m, ca.top_n)
+                top = ca.order[:n_top][ca.best_proposal[:n_top] >= 0]
+            best = self._best_regions(ca, top)
             expanded = region_query_expansion(region, best) if len(best) else region
             r = self._ca(expanded, base.order, base.scores, q.top_n)
         else:
@@ -467,14 +510,3 @@ class IndexSearcher:
             idx = idx[np.asarray(best_proposal)[idx] >= 0]
         keep = outlier_gate(scores[idx], scores[: int(top_n)], z=self.qe_gate_z)
         return np.asarray(order, dtype=np.int64)[idx[keep]]
-
-
-def _block_vectors(result, images, region_vectors) -> np.ndarray:
-    """L2-normalised region vectors of the located proposals of ``images`` (database indices of
-    the reranked block of ``result``), (M', D) in the order given."""
-    position = {int(i): j for j, i in enumerate(result.order[: result.top_n])}
-    rows = []
-    for i in images:
-        j = position[int(i)]
-        rows.append(l2_normalize(np.asarray(region_vectors(int(i)))[int(result.best_proposal[j])]))
-    return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)

@@ -136,8 +136,10 @@ class SearchService:
         self.default_top_n = int(engine.searcher.top_n)
         self.default_qe_m = int(engine.searcher.qe_m)
         self.class_names = list(getattr(self.metadata, "thing_classes", []) or [])
-        # CS-SR only where the stored class scores are the query objects' (a fine-tuned model)
-        self._stages = available_stages(engine.searcher, STAGES, len(self.class_names))
+        # the stages the index stores the fields for; CS-SR only where the stored class scores
+        # are the query objects' (a fine-tuned model)
+        supported = engine.searcher.supported_stages
+        self._stages = available_stages(engine.searcher, supported, len(self.class_names))
         self._uploads: "OrderedDict[str, Tuple[np.ndarray, str]]" = OrderedDict()
         self._lock = threading.Lock()
         self._encoded = lru_cache(maxsize=2048)(self._encode_file)

@@ -252,6 +252,46 @@ def test_other_backbones_give_all_outputs(name):
     assert out[0]["query"].crop_sum.shape[0] == 2
 
 
+@pytest.mark.parametrize(
+    "name,opts",
+    [
+        ("EfficientNet-Lite0", ()),
+        ("ZF", ()),
+        ("R50-FPN", ()),
+        ("R50-C4", ()),
+        ("R50-C4", ("MODEL.RETRIEVAL.RPA_AFTER_RES5", "True")),
+    ],
+)
+def test_skipping_the_box_head_gives_bit_identical_region_features(name, opts, monkeypatch):
+    """Without class outputs only the kept proposals are RoI-pooled and the box head never runs;
+    the IPA, proposals and RPA are the full pass's, bit for bit."""
+    model = tiny_model(name, opts)
+    inputs = [
+        {"image": random_image(128, 170, seed=s), "height": 256, "width": 340} for s in (1, 2)
+    ]
+    with torch.no_grad():
+        full = model.inference(inputs)
+        heads = model.roi_heads
+        if not opts:  # C4 with RPA after res5 needs res5 for RPA; the predictor still never runs
+            box_head = heads.box_head if hasattr(heads, "box_head") else heads.res5
+            monkeypatch.setattr(box_head, "forward", _must_not_run)
+        monkeypatch.setattr(heads.box_predictor, "forward", _must_not_run)
+        bare = model.inference(inputs, class_outputs=False)
+    for a, b in zip(full, bare):
+        assert torch.equal(a["ipa_sum"], b["ipa_sum"]) and torch.equal(a["ipa_max"], b["ipa_max"])
+        pa, pb = a["proposals"], b["proposals"]
+        assert len(pb) > 0
+        for f in ("rpa_sum", "rpa_max", "objectness_logits"):
+            assert torch.equal(pa.get(f), pb.get(f)), f
+        assert torch.equal(pa.proposal_boxes.tensor, pb.proposal_boxes.tensor)
+        assert not pb.has("scores") and not pb.has("class_boxes")
+        assert len(b["instances"]) == 0
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the box head ran")
+
+
 @pytest.mark.parametrize("name", ["R50-C4", "ZF", "EfficientNet-Lite0"])
 def test_query_inference_equals_the_query_part_of_inference(name):
     """query_inference skips proposals and the box head; the query's vectors are the same."""

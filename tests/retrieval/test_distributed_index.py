@@ -48,8 +48,8 @@ def _index(tmp, out, num_gpus):
 
 
 def _assert_same(a: IndexReader, b: IndexReader):
-    assert a.image_ids == b.image_ids
-    for f in ("ipa_sum", "ipa_max", "height", "width"):
+    assert a.image_ids == b.image_ids and a.schema == b.schema
+    for f in [spec.name for spec in a.schema.image_fields]:
         assert np.array_equal(a.image_vectors(f), b.image_vectors(f)), f
     for i in range(a.num_images):
         ra, rb = a.regions(i), b.regions(i)

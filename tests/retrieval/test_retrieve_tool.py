@@ -86,6 +86,8 @@ def run(tmp_path_factory):
         "float32",
         "RETRIEVAL.REGION_DTYPE",
         "",  # region vectors stored exactly: compared below
+        "RETRIEVAL.STORE.REGION_POOLINGS",
+        "['sum', 'max']",  # both: a variant below reranks with sum-pooled region vectors
         "RETRIEVAL.SHARD_SIZE",
         "4",
         "RETRIEVAL.VIS_TOP_K",

@@ -8,6 +8,7 @@ One module per experiment:
     benchmark.py scale       [--max-db 1000000] [--max-hnsw 10000] [--approx-1m]
     benchmark.py compression [--num-db 100] [--pca-db 40]
     benchmark.py limits      [--gemm 2048] [--copy-mb 512] [--search-db 100000]
+    benchmark.py index-cost  [--smvs PATH] [--pq 32 64 ...] [--default-pq 64] [--parts ...]
     benchmark.py real        --data ROOT [--boxes FILE] [--split val|report|all] [--config-file
                              CFG] [--weights W] [--baseline JSON] [KEY VALUE ...]
 
@@ -23,9 +24,9 @@ runs made together.
 
 import argparse
 
-from . import compression, extraction, limits, real_photos, rerank, scale, search
+from . import compression, extraction, index_cost, limits, real_photos, rerank, scale, search
 
-EXPERIMENTS = (extraction, rerank, search, scale, compression, limits, real_photos)
+EXPERIMENTS = (extraction, rerank, search, scale, compression, limits, index_cost, real_photos)
 
 
 def build_parser() -> argparse.ArgumentParser:

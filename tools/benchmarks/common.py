@@ -178,9 +178,10 @@ def config_file(backbone: str, quick: bool) -> Path:
 COST_PIPELINE_OPTS = ("MODEL.PROPOSAL_GENERATOR.NAME", "RPN", "RETRIEVAL.QUERY_SCALES", "[]")
 
 
-def build_cfg(path: Path, opts=()):
-    """A frozen retrieval_ext config: ``path`` merged with :data:`COST_PIPELINE_OPTS`, then with
-    ``opts`` (flat key/value list)."""
+def build_cfg(path: Path, opts=(), cost_pipeline: bool = True):
+    """A frozen retrieval_ext config: ``path`` merged with :data:`COST_PIPELINE_OPTS` (unless
+    ``cost_pipeline`` is False: the config's own proposals and query sizes), then with ``opts``
+    (flat key/value list)."""
     from detectron2.config import get_cfg
 
     from retrieval_ext.config import add_retrieval_config
@@ -188,7 +189,8 @@ def build_cfg(path: Path, opts=()):
     cfg = get_cfg()
     add_retrieval_config(cfg)
     cfg.merge_from_file(str(path))
-    cfg.merge_from_list([str(x) for x in COST_PIPELINE_OPTS + tuple(opts)])
+    pinned = COST_PIPELINE_OPTS if cost_pipeline else ()
+    cfg.merge_from_list([str(x) for x in pinned + tuple(opts)])
     cfg.freeze()
     return cfg
 
@@ -207,9 +209,10 @@ def build_model(cfg, seed: int = 0):
 
     torch.manual_seed(seed)
     model = build_detectron2_model(cfg)
-    head = model.proposal_generator.rpn_head
-    torch.nn.init.zeros_(head.anchor_deltas.weight)
-    torch.nn.init.zeros_(head.anchor_deltas.bias)
+    head = getattr(model.proposal_generator, "rpn_head", None)  # DenseRegionProposals: none
+    if head is not None:
+        torch.nn.init.zeros_(head.anchor_deltas.weight)
+        torch.nn.init.zeros_(head.anchor_deltas.bias)
     return model.eval()
 
 

@@ -78,11 +78,13 @@ def _build_indexes(cfg, name, other, tmp):
     )
     index_s = time.perf_counter() - t
     queries = extract_queries(extractor, name)
+    # the region poolings the index stores (RETRIEVAL.STORE: the one reranking reads)
     pca_vecs = np.concatenate(
         [
-            np.asarray(pca_index.regions(i)[f])
+            np.asarray(v)
             for i in range(pca_index.num_images)
-            for f in ("rpa_sum", "rpa_max")
+            for f, v in pca_index.regions(i).items()
+            if f in ("rpa_sum", "rpa_max")
         ]
     )
     return ref, queries, pca_vecs, index_s

@@ -8,7 +8,12 @@ import yaml
 
 from .errors import IndexMismatchError
 
-__all__ = ["check_manifest_compatible", "jsonable"]
+__all__ = ["INFORMATIONAL_KEYS", "check_manifest_compatible", "jsonable"]
+
+# Manifest keys that describe an index without deciding what it is: where the weights it was
+# built with are kept (two copies of one file are the same weights; the hash says so). They are
+# compared only when asked for by name.
+INFORMATIONAL_KEYS = ("weights_file",)
 
 
 class _Missing:
@@ -89,7 +94,8 @@ def check_manifest_compatible(
     Args:
         stored: manifest of an existing index (the caller's dict, e.g. ``reader.manifest``).
         expected: manifest the caller is about to write or search with.
-        keys: keys to compare; ``None`` compares the union of both dicts' keys.
+        keys: keys to compare; ``None`` compares the union of both dicts' keys but
+            :data:`INFORMATIONAL_KEYS`.
         normalize: {key: function of a stored string value -> the values to compare}, for keys
             whose text may differ without a difference that matters (e.g. a config dump with
             keys that do not affect the features).
@@ -99,7 +105,7 @@ def check_manifest_compatible(
             config dump are shortened and shown as a unified diff of their first differing lines).
     """
     if keys is None:
-        keys = sorted(set(stored) | set(expected))
+        keys = sorted((set(stored) | set(expected)) - set(INFORMATIONAL_KEYS))
     diffs, bad = [], []
     for key in keys:
         a = stored.get(key, _MISSING)
