@@ -166,6 +166,10 @@ def _clear_box(page):
 
 
 def _hits(page):
+    # a thumbnail's frame has its size once its image is decoded (0 px high before: CI saw it)
+    page.wait_for_function(
+        "[...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalHeight > 0)"
+    )
     cards = page.locator(".hit")
     out = []
     for i in range(cards.count()):
