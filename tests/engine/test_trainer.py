@@ -5,7 +5,7 @@ In process: a few CPU iterations of ft1 / ft2 change exactly the parameters the 
 included, and lower the loss on a single repeated batch. Through tools/train_net.py in a
 subprocess: periodic retrieval evaluation lands in metrics.json, --resume continues the
 iteration count, and --eval-only reports the same numbers as tools/retrieve.py evaluate with the
-same weights (whose numbers test_retrieve_tool.py checks against brute force).
+same weights (whose numbers tests/tools/test_retrieve.py checks against brute force).
 """
 
 import json
