@@ -26,7 +26,8 @@ from retrieval_ext.retrieval.index_store import (
     default_schema,
 )
 from retrieval_ext.retrieval.indexing import build_index, open_index
-from retrieval_ext.retrieval.search import STAGES, IndexSearcher
+from retrieval_ext.retrieval.search import IndexSearcher
+from retrieval_ext.retrieval.stages import STAGES
 from tests.common import REPO_ROOT, ca_sr_per_image, tiny_cfg
 
 NAME = "old_format"

@@ -1,25 +1,12 @@
-"""IndexSearcher: its stage graph and its construction from a config."""
+"""IndexSearcher: its construction from a config and its stages on a small stored index."""
 
 import numpy as np
 import pytest
 
 from retrieval_ext.retrieval.faiss_search import FaissParams
 from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
-from retrieval_ext.retrieval.search import STAGES, IndexSearcher, stage_chain
+from retrieval_ext.retrieval.search import IndexSearcher
 from tests.common import tiny_cfg
-
-
-def test_stage_chains_written_out():
-    assert {s: stage_chain(s) for s in STAGES} == {
-        "filtering": ("filtering",),
-        "filtering_qe": ("filtering", "filtering_qe"),
-        "ca_sr": ("filtering", "ca_sr"),
-        "ca_sr_qe": ("filtering", "ca_sr", "ca_sr_qe"),
-        "cs_sr": ("filtering", "cs_sr"),
-        "cs_sr_qe": ("filtering", "cs_sr", "cs_sr_qe"),
-    }
-    with pytest.raises(ValueError, match="unknown stage 'rerank'"):
-        stage_chain("rerank")
 
 
 @pytest.fixture(scope="module")
