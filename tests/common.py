@@ -201,6 +201,36 @@ def assert_same_index(a, b, rtol=None, atol=0.0, region_atol=None):
             same(ra[f], rb[f], (a.image_ids[i], f), region_atol)
 
 
+def random_record(rng, num_proposals, dim=8):
+    """An index record with every field of the default schema: random (uniform [0, 1)) IPA and
+    RPA vectors of ``dim``, objectness and 3 class scores per proposal, a 10 x 10 image whose
+    ``num_proposals`` proposals are all the box (0, 0, 5, 5)."""
+    k = num_proposals
+    return {
+        "ipa_sum": rng.random(dim),
+        "ipa_max": rng.random(dim),
+        "height": 10,
+        "width": 10,
+        "boxes": np.tile([0, 0, 5, 5], (k, 1)),
+        "objectness": rng.random(k),
+        "rpa_sum": rng.random((k, dim)),
+        "rpa_max": rng.random((k, dim)),
+        "scores": rng.random((k, 3)),
+    }
+
+
+def write_index(root, records):
+    """A finalized float32 index (default schema, shards of 4 images) in ``root`` of ``records``
+    ({image id: record}, in index order); returns its IndexReader."""
+    from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
+
+    with IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()) as w:
+        for image_id, rec in records.items():
+            w.add(image_id, rec)
+    IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()).finalize(list(records))
+    return IndexReader(root)
+
+
 def enospc_on_replace(monkeypatch, predicate):
     """Makes ``os.replace(src, dst)`` fail with ENOSPC (disk full) when ``predicate(src, dst)``
     holds: the step where atomic writers move a finished file into place."""
