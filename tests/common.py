@@ -10,6 +10,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,28 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_python(args, env, cwd, timeout=600, check=True):
+    """``python ARGS`` with this interpreter in a subprocess (in ``cwd``, with ``env``, output
+    captured as text). With ``check``, asserts that it exited 0, showing the end of its stderr.
+    Returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable] + [str(a) for a in args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_tool(name, args, env, cwd, timeout=600, check=True):
+    """Script ``tools/<name>.py`` with ``args`` in a subprocess: :func:`run_python`."""
+    return run_python([REPO_ROOT / "tools" / f"{name}.py"] + list(args), env, cwd, timeout, check)
 
 
 def tiny_cfg(name="R50-C4", opts=()):

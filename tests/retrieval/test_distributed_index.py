@@ -3,19 +3,15 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from retrieval_ext.retrieval.index_store import IndexReader
-from tests.common import REPO_ROOT, ZF_TINY, assert_same_index, write_benchmark
+from tests.common import ZF_TINY, assert_same_index, run_tool, write_benchmark
 
 
 def _index(tmp, weights, out, num_gpus):
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "tools" / "retrieve.py"),
+    args = [
         "index",
         "--num-gpus",
         str(num_gpus),
@@ -39,8 +35,7 @@ def _index(tmp, weights, out, num_gpus):
     env = dict(
         os.environ, DETECTRON2_DATASETS=str(tmp), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"
     )
-    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_tool("retrieve", args, env, tmp, timeout=300)
     return proc.stderr + proc.stdout
 
 

@@ -9,8 +9,6 @@ import errno
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,12 +20,12 @@ from retrieval_ext.retrieval.api import InstanceSearch
 from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader
 from retrieval_ext.utils.io import OutputWriteError
 from tests.common import (
-    REPO_ROOT,
     ZF_TINY,
     enospc_on_replace,
     load_strict_json,
     load_tool,
     make_cfg,
+    run_tool,
     tiny_cfg,
     write_benchmark,
     written_out_ap,
@@ -42,15 +40,8 @@ GATE_Z = 4.0
 
 
 def _run(args, env, cwd):
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "retrieve.py")] + args,
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc
+    """tools/retrieve.py ``args``; the caller checks how it exited."""
+    return run_tool("retrieve", args, env, cwd, check=False)
 
 
 @pytest.fixture(scope="module")
