@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: tiny configs, models and checkpoints, synthetic inputs and
-collections, fixture paths, and the assertions and written-out references several tests use.
+"""Helpers shared by the tests: tiny configs, models and checkpoints, synthetic inputs,
+collections, benchmarks and indexes, the tools run in a subprocess, fixture paths, and the
+assertions and written-out references several tests use.
 
 The fixtures built on them (a tiny ZF checkpoint, dataset registration, log capture) are in
 tests/conftest.py.
