@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: tiny configs, models and checkpoints, synthetic inputs and
-collections, fixture paths, and the assertions and written-out references several tests use.
+"""Helpers shared by the tests: tiny configs, models and checkpoints, synthetic inputs,
+collections, benchmarks and indexes, the tools run in a subprocess, fixture paths, and the
+assertions and written-out references several tests use.
 
 The fixtures built on them (a tiny ZF checkpoint, dataset registration, log capture) are in
 tests/conftest.py.
@@ -10,6 +11,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,28 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_python(args, env, cwd, timeout=600, check=True):
+    """``python ARGS`` with this interpreter in a subprocess (in ``cwd``, with ``env``, output
+    captured as text). With ``check``, asserts that it exited 0, showing the end of its stderr.
+    Returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable] + [str(a) for a in args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def run_tool(name, args, env, cwd, timeout=600, check=True):
+    """Script ``tools/<name>.py`` with ``args`` in a subprocess: :func:`run_python`."""
+    return run_python([REPO_ROOT / "tools" / f"{name}.py"] + list(args), env, cwd, timeout, check)
 
 
 def tiny_cfg(name="R50-C4", opts=()):
@@ -199,6 +224,36 @@ def assert_same_index(a, b, rtol=None, atol=0.0, region_atol=None):
         assert ra.keys() == rb.keys(), a.image_ids[i]
         for f in ra:
             same(ra[f], rb[f], (a.image_ids[i], f), region_atol)
+
+
+def random_record(rng, num_proposals, dim=8):
+    """An index record with every field of the default schema: random (uniform [0, 1)) IPA and
+    RPA vectors of ``dim``, objectness and 3 class scores per proposal, a 10 x 10 image whose
+    ``num_proposals`` proposals are all the box (0, 0, 5, 5)."""
+    k = num_proposals
+    return {
+        "ipa_sum": rng.random(dim),
+        "ipa_max": rng.random(dim),
+        "height": 10,
+        "width": 10,
+        "boxes": np.tile([0, 0, 5, 5], (k, 1)),
+        "objectness": rng.random(k),
+        "rpa_sum": rng.random((k, dim)),
+        "rpa_max": rng.random((k, dim)),
+        "scores": rng.random((k, 3)),
+    }
+
+
+def write_index(root, records):
+    """A finalized float32 index (default schema, shards of 4 images) in ``root`` of ``records``
+    ({image id: record}, in index order); returns its IndexReader."""
+    from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
+
+    with IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()) as w:
+        for image_id, rec in records.items():
+            w.add(image_id, rec)
+    IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()).finalize(list(records))
+    return IndexReader(root)
 
 
 def enospc_on_replace(monkeypatch, predicate):

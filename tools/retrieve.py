@@ -35,7 +35,7 @@ from retrieval_ext.retrieval import pipeline  # noqa: E402
 from retrieval_ext.retrieval.api import InstanceSearch  # noqa: E402
 from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
 from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
-from retrieval_ext.retrieval.search import STAGES  # noqa: E402
+from retrieval_ext.retrieval.stages import STAGES  # noqa: E402
 from retrieval_ext.utils.io import atomic_dir, atomic_write, atomic_write_json  # noqa: E402
 from retrieval_ext.utils.visualization import result_strip, write_gallery  # noqa: E402
 

@@ -385,32 +385,20 @@ class RandomSensorNoise(T.Augmentation):
 
 
 def camera_augmentations(
-    background: BackgroundSource,
-    scale: Tuple[float, float] = (0.4, 1.1),
-    max_rotation: float = 180.0,
-    perspective: float = 0.35,
-    canvas_short_side: int = 0,
-    frame_prob: float = 0.5,
-    max_occluders: int = 2,
-    max_occlusion: float = 0.3,
-    trim_margin: bool = True,
-    others: Optional[ObjectPool] = None,
-    max_others: int = 0,
+    background: BackgroundSource, max_occluders: int = 2, max_occlusion: float = 0.3, **view
 ) -> List[T.Augmentation]:
     """The ``"camera"`` augmentation list, in the order a photo is made (see the module
-    docstring): view and scene, clutter on top, light, then the camera's blur and noise."""
+    docstring): view and scene, clutter on top, light, then the camera's blur and noise.
+
+    Args:
+        background: where the scene's backgrounds come from.
+        max_occluders, max_occlusion: :class:`RandomOccluders`' ``max_count`` and ``max_cover``.
+        view: the other keyword arguments of :class:`RandomCameraView` (``scale``,
+            ``max_rotation``, ``perspective``, ``canvas_short_side``, ``frame_prob``,
+            ``trim_margin``, ``others``, ``max_others``); its defaults where not given.
+    """
     return [
-        RandomCameraView(
-            background,
-            scale,
-            max_rotation,
-            perspective,
-            canvas_short_side,
-            frame_prob,
-            trim_margin,
-            others,
-            max_others,
-        ),
+        RandomCameraView(background, **view),
         RandomOccluders(max_occluders, max_occlusion),
         RandomLighting(),
         T.RandomBrightness(0.7, 1.3),

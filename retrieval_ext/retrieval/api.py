@@ -131,7 +131,7 @@ class InstanceSearch:
         Args:
             image: a file name or an (H, W, 3) uint8 array in ``cfg.INPUT.FORMAT`` order.
             box: (x1, y1, x2, y2) in the image's pixels (after EXIF orientation).
-            stage: one of the stages of :mod:`retrieval_ext.retrieval.search`.
+            stage: one of the stages of :mod:`retrieval_ext.retrieval.stages`.
             top_k: number of hits returned (fewer when the database is smaller).
             class_id: the query object's class, for the CS-SR stages.
             top_n, qe_m: N (images reranked) and M (images averaged by query expansion) for
@@ -153,7 +153,7 @@ class InstanceSearch:
         return self.hits(result, top_k)
 
     def hits(self, result, top_k: int) -> List[SearchHit]:
-        """The first ``top_k`` entries of a :class:`~.search.StageResult` as :class:`SearchHit`."""
+        """The first ``top_k`` entries of a :class:`~.stages.StageResult` as :class:`SearchHit`."""
         out = []
         for r, (i, s, b) in enumerate(
             zip(result.order[:top_k], result.scores[:top_k], result.boxes[:top_k])

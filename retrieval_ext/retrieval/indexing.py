@@ -136,6 +136,24 @@ def _image_list(dataset: str, dicts: List[dict]) -> Tuple[List[str], Dict[str, s
     return [d["image_id"] for d in dicts] + sorted(pre_skipped), pre_skipped
 
 
+def _database_images(
+    dataset: str, sample_images: int
+) -> Tuple[List[dict], List[str], Dict[str, str]]:
+    """What an index of ``dataset`` covers: the dataset dicts of ``<dataset>_db`` to extract, the
+    ids the index lists and those the loader skipped ({id: reason}, see :func:`_image_list`).
+
+    With ``sample_images`` > 0 (and a larger database), only that many images, evenly spread over
+    the database, are covered, and none is listed as skipped.
+    """
+    dicts = get_dataset_dicts(f"{dataset}_db")
+    if sample_images and len(dicts) > sample_images:
+        picks = sorted({round(x) for x in np.linspace(0, len(dicts) - 1, int(sample_images))})
+        dicts = [dicts[i] for i in picks]
+        return dicts, [d["image_id"] for d in dicts], {}
+    image_list, pre_skipped = _image_list(dataset, dicts)
+    return dicts, image_list, pre_skipped
+
+
 def _complete_index(index_dir: str, extractor: FeatureExtractor, manifest: dict, image_list):
     """The index already in ``index_dir`` if it is complete for ``image_list``; else None.
 
@@ -291,13 +309,7 @@ def build_index(
         ValueError: no database image could be read.
     """
     db_name = f"{dataset}_db"
-    dicts = get_dataset_dicts(db_name)
-    if sample_images and len(dicts) > sample_images:
-        picks = sorted({round(x) for x in np.linspace(0, len(dicts) - 1, int(sample_images))})
-        dicts = [dicts[i] for i in picks]
-        image_list, pre_skipped = [d["image_id"] for d in dicts], {}
-    else:
-        image_list, pre_skipped = _image_list(dataset, dicts)
+    dicts, image_list, pre_skipped = _database_images(dataset, sample_images)
     manifest = index_manifest(extractor, dataset)
     if compression is not None:
         manifest = dict(manifest, region_compression=compression.describe())

@@ -29,7 +29,8 @@ from .learned import (
 from .normalization import PCAWhitening
 from .paths import IndexPaths
 from .queries import extract_queries
-from .search import CS_STAGES, IndexSearcher, StageResult
+from .search import IndexSearcher
+from .stages import CS_STAGES, StageResult
 
 __all__ = [
     "SearchRun",

@@ -203,19 +203,7 @@ def class_agnostic_rerank(
     block_scores = np.full(n, -np.inf, dtype=np.float32)
     block_boxes = np.full((n, 4), np.nan, dtype=np.float32)
     block_best = np.full(n, -1, dtype=np.int64)
-    parts, counts = [], np.zeros(n, dtype=np.int64)
-    for j, i in enumerate(order[:n]):
-        arr = vec_acc(int(i))
-        if arr is None:
-            continue
-        arr = np.asarray(arr)
-        if arr.ndim != 2:
-            raise ValueError(f"region_vectors[{i}] must be 2-D, got shape {arr.shape}")
-        if similarity is None and arr.shape[0] and arr.shape[1] != q.size:
-            raise ValueError(f"region_vectors[{i}] has dim {arr.shape[1]}, query has {q.size}")
-        counts[j] = arr.shape[0]
-        if arr.shape[0]:
-            parts.append(arr)
+    parts, counts = _gather_regions(vec_acc, order[:n], q.size if similarity is None else None)
     if parts:
         sims = _cosines(parts, q, normalized) if similarity is None else similarity(parts, q)
         ends = np.cumsum(counts)
@@ -234,6 +222,35 @@ def class_agnostic_rerank(
                     vote_box(boxes, seg, box_vote_delta) if box_vote_delta else boxes[b]
                 )
     return _assemble(order, scores, n, block_scores, block_boxes, block_best)
+
+
+def _gather_regions(vec_acc, images, dim):
+    """The stored region arrays of ``images`` (database indices), as stored (no copy).
+
+    Args:
+        vec_acc: database index -> (K_i, D) array or None (no proposals).
+        images: (n,) database indices.
+        dim: the query's dimension, checked against every non-empty array; None: not checked
+            (rows that are codes rather than vectors).
+
+    Returns:
+        (parts, counts): the non-empty arrays in the order of ``images``, and int64 (n,) the
+        number of proposals of each image (0 for none).
+    """
+    parts, counts = [], np.zeros(len(images), dtype=np.int64)
+    for j, i in enumerate(images):
+        arr = vec_acc(int(i))
+        if arr is None:
+            continue
+        arr = np.asarray(arr)
+        if arr.ndim != 2:
+            raise ValueError(f"region_vectors[{i}] must be 2-D, got shape {arr.shape}")
+        if dim is not None and arr.shape[0] and arr.shape[1] != dim:
+            raise ValueError(f"region_vectors[{i}] has dim {arr.shape[1]}, query has {dim}")
+        counts[j] = arr.shape[0]
+        if arr.shape[0]:
+            parts.append(arr)
+    return parts, counts
 
 
 # Rows converted to float32 at once in _cosines: 1024 x 1280 float32 = 5 MB, a buffer reused

@@ -1,21 +1,7 @@
-"""Search a stored index with a query record: filtering, spatial reranking, query expansion.
+"""Search a stored index with a query record: :class:`IndexSearcher` runs the stages of
+:mod:`~retrieval_ext.retrieval.stages` (filtering, spatial reranking, query expansion).
 
-Every stage reads stored features only; the network never runs here. Stage names:
-
-- ``filtering``: cosine ranking of the whole database by IPA (L2 / whitening / L2 for sum).
-- ``filtering_qe``: the paper's global query expansion: the query IPA averaged with the top M
-  database IPA vectors, then filtering again.
-- ``ca_sr``: class-agnostic spatial reranking of the filtering top N: an image scores the best
-  cosine similarity between the query region vector and its stored proposal RPA vectors.
-- ``ca_sr_qe``: ``qe_rerank_mode="region"`` (default): the query region vector averaged with the
-  RPA of the best proposals of the CA-SR top M, then the filtering top N reranked again with it;
-  ``"global"``: the query IPA averaged with the IPA of the CA-SR top M, filtering again, and CA-SR
-  of the new top N with the original query region.
-- ``cs_sr``: class-specific spatial reranking of the filtering top N: an image scores the best
-  stored probability of the query's class among its proposals (needs a model fine-tuned on the
-  query objects).
-- ``cs_sr_qe``: the global form: the query IPA averaged with the IPA of the CS-SR top M,
-  filtering again, and CS-SR of the new top N.
+Every stage reads stored features only; the network never runs here.
 
 Gated QE (``qe_gate_z`` > 0, ``RETRIEVAL.QE_GATE_Z``): each QE stage averages in only those of
 the top M whose score stands out from the ranked top N (a robust z-score, see
@@ -25,13 +11,13 @@ returns the ranking it would have expanded (filtering, CA-SR, CS-SR). With CA-SR
 (``box_vote_delta``) the located box is the vote of the proposals that match nearly as well as
 the best.
 
-:data:`STAGE_INPUTS` declares which stages each stage reads the results of; :func:`stage_chain`
-gives the stages a search of one stage runs (the UI reports the latency and AP of each).
+The stage names, their graph and :class:`~retrieval_ext.retrieval.stages.StageResult` are
+re-exported here for callers that import them from this module.
 """
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,6 +35,7 @@ from .query_expansion import (
 )
 from .ranking import rank
 from .reranking import class_agnostic_rerank, class_specific_rerank
+from .stages import CS_STAGES, STAGE_INPUTS, STAGES, StageResult, stage_chain
 
 __all__ = [
     "CS_STAGES",
@@ -58,59 +45,6 @@ __all__ = [
     "StageResult",
     "stage_chain",
 ]
-
-STAGES = ("filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe")
-CS_STAGES = ("cs_sr", "cs_sr_qe")
-# The stages whose results each stage reads (see the module docstring for what each does).
-STAGE_INPUTS = {
-    "filtering": (),
-    "filtering_qe": ("filtering",),
-    "ca_sr": ("filtering",),
-    "ca_sr_qe": ("filtering", "ca_sr"),
-    "cs_sr": ("filtering",),
-    "cs_sr_qe": ("cs_sr",),
-}
-
-
-def stage_chain(stage: str) -> Tuple[str, ...]:
-    """The stages ``stage`` builds on, in the order they run, ending with ``stage`` itself.
-
-    Raises:
-        ValueError: ``stage`` is not one of :data:`STAGES`.
-    """
-    if stage not in STAGE_INPUTS:
-        raise ValueError(f"unknown stage {stage!r}; choose from {list(STAGES)}")
-    chain = []
-    for before in STAGE_INPUTS[stage]:
-        chain += [s for s in stage_chain(before) if s not in chain]
-    return tuple(chain) + (stage,)
-
-
-@dataclass
-class StageResult:
-    """The ranking one stage gives for one query.
-
-    Attributes:
-        order: int64 (N,) database indices, best first (the whole database).
-        scores: float32 (N,) the stage's scores (for reranked stages: rerank scores for the top N,
-            filtering scores after them).
-        boxes: float32 (N, 4) located box per entry, XYXY original-image pixels; NaN where the
-            stage does not locate (filtering stages, the tail after the reranked block).
-        seconds: wall time of this stage alone (excluding the stages it builds on).
-        best_proposal: int64 (N,) index of the located proposal within its image, -1 where none.
-        top_n: size of the reranked block (0 for filtering stages).
-    """
-
-    order: np.ndarray
-    scores: np.ndarray
-    boxes: np.ndarray
-    seconds: float
-    best_proposal: Optional[np.ndarray] = None
-    top_n: int = 0
-
-    @classmethod
-    def from_rerank(cls, r, seconds: float) -> "StageResult":
-        return cls(r.order, r.scores, r.boxes, seconds, r.best_proposal, r.top_n)
 
 
 def _no_boxes(n):
@@ -142,7 +76,8 @@ class IndexSearcher:
             box through the RoI pooler).
         top_n: images reranked (the paper's N).
         qe_m: images averaged into an expanded query (the paper's M).
-        qe_rerank_mode: "region" or "global" form of ``ca_sr_qe`` (see the module docstring).
+        qe_rerank_mode: "region" or "global" form of ``ca_sr_qe`` (see
+            :mod:`~retrieval_ext.retrieval.stages`).
         filter_backend: "numpy" (:func:`~retrieval_ext.retrieval.ranking.rank`) or "faiss"
             (:mod:`~retrieval_ext.retrieval.faiss_search`).
         faiss_params: a :class:`~retrieval_ext.retrieval.faiss_search.FaissParams` for the faiss

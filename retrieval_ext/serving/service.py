@@ -39,8 +39,8 @@ from ..evaluation import metrics
 from ..evaluation.evaluator import db_positions
 from ..evaluation.relevance import num_relevant, query_average_precision, relevance_labels
 from ..retrieval.pipeline import available_stages
-from ..retrieval.search import CS_STAGES, STAGES
-from ..retrieval.search import stage_chain as search_stage_chain
+from ..retrieval.stages import CS_STAGES, STAGES
+from ..retrieval.stages import stage_chain as search_stage_chain
 
 __all__ = [
     "ImageNotFound",
@@ -72,7 +72,7 @@ class UploadTooLarge(RequestError):
 
 def stage_chain(stage: str) -> Tuple[str, ...]:
     """The stages ``stage`` builds on, ending with ``stage`` itself: a search reports the
-    latency and AP of each (see :func:`retrieval_ext.retrieval.search.stage_chain`)."""
+    latency and AP of each (see :func:`retrieval_ext.retrieval.stages.stage_chain`)."""
     if stage not in STAGES:
         raise RequestError(f"stage: unknown stage {stage!r}; choose from {list(STAGES)}")
     return search_stage_chain(stage)

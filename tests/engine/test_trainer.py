@@ -5,13 +5,11 @@ In process: a few CPU iterations of ft1 / ft2 change exactly the parameters the 
 included, and lower the loss on a single repeated batch. Through tools/train_net.py in a
 subprocess: periodic retrieval evaluation lands in metrics.json, --resume continues the
 iteration count, and --eval-only reports the same numbers as tools/retrieve.py evaluate with the
-same weights (whose numbers test_retrieve_tool.py checks against brute force).
+same weights (whose numbers tests/tools/test_retrieve.py checks against brute force).
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from detectron2.utils.env import seed_all_rng
 
 from retrieval_ext.data.datasets import register_custom_dataset, unregister_retrieval_dataset
 from retrieval_ext.engine import RetrievalTrainer, setup_finetune_cfg
-from tests.common import CONFIGS, REPO_ROOT, make_cfg, write_benchmark
+from tests.common import CONFIGS, make_cfg, run_tool, write_benchmark
 from tests.engine.test_freeze import EXACT, PREFIXES
 
 NAME = "ft_test_bench"
@@ -137,16 +135,8 @@ def test_strategy_trains_exactly_its_parameters(bench, tmp_path, backbone, strat
         assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
 
 
-def _run(script, args, env, cwd):
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / script)] + [str(a) for a in args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _run(tool, args, env, cwd):
+    proc = run_tool(tool, args, env, cwd)
     return proc.stdout + proc.stderr
 
 
@@ -183,14 +173,14 @@ def trained(bench):
         "OUTPUT_DIR",
         out,
     ]
-    first_log = _run("train_net.py", common + ["SOLVER.MAX_ITER", "4"], env, bench)
+    first_log = _run("train_net", common + ["SOLVER.MAX_ITER", "4"], env, bench)
     first = {
         "metrics": _metrics(out / "metrics.json"),
         "eval_dirs": sorted(p.name for p in out.glob("eval_*")),
         "periodic": json.loads((out / "eval_0000001" / "retrieval_results.json").read_text()),
         "log": first_log,
     }
-    resume_log = _run("train_net.py", ["--resume"] + common + ["SOLVER.MAX_ITER", "6"], env, bench)
+    resume_log = _run("train_net", ["--resume"] + common + ["SOLVER.MAX_ITER", "6"], env, bench)
     return {"out": out, "env": env, "first": first, "resume_log": resume_log}
 
 
@@ -230,7 +220,7 @@ def test_eval_only_reports_what_retrieve_py_reports(trained, bench):
     weights = out / "model_final.pth"
     eval_out = bench / "eval_only"
     log = _run(
-        "train_net.py",
+        "train_net",
         [
             "--config-file",
             out / "config.yaml",
@@ -250,7 +240,7 @@ def test_eval_only_reports_what_retrieve_py_reports(trained, bench):
     # the saved training config drives tools/retrieve.py on the same dataset and weights
     ret_out = bench / "retrieve"
     _run(
-        "retrieve.py",
+        "retrieve",
         [
             "evaluate",
             "--config-file",

@@ -10,7 +10,7 @@ from PIL import Image
 
 from retrieval_ext.data.boxes import InvalidBoxError
 from retrieval_ext.retrieval.api import InstanceSearch
-from retrieval_ext.retrieval.search import STAGES
+from retrieval_ext.retrieval.stages import STAGES
 
 CA_STAGES = [s for s in STAGES if not s.startswith("cs_")]
 

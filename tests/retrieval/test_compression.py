@@ -12,6 +12,7 @@ from retrieval_ext.retrieval.compression import (
 )
 from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
 from retrieval_ext.retrieval.search import IndexSearcher
+from tests.common import write_index
 
 
 def test_quantize_int8_hand_example():
@@ -42,26 +43,20 @@ def test_keep_highest_objectness_in_stored_order():
 def _index(root, n=10, k=6, c=16, seed=0):
     rng = np.random.default_rng(seed)
     recs = {}
-    with IndexWriter(root, {"m": 1}, 4, "float32", 0, default_schema()) as w:
-        for i in range(n):
-            kk = 0 if i == 4 else k  # an image without proposals
-            rec = {
-                "ipa_sum": rng.random(c),
-                "ipa_max": rng.random(c),
-                "height": 50,
-                "width": 60,
-                "boxes": rng.random((kk, 4)) * 50,
-                "objectness": rng.random(kk),
-                "rpa_sum": rng.random((kk, c)),
-                "rpa_max": rng.random((kk, c)),
-                "scores": rng.random((kk, 3)),
-            }
-            w.add(f"im{i}", rec)
-            recs[f"im{i}"] = rec
-    IndexWriter(root, {"m": 1}, 4, "float32", 0, default_schema()).finalize(
-        [f"im{i}" for i in range(n)]
-    )
-    return IndexReader(root), recs
+    for i in range(n):
+        kk = 0 if i == 4 else k  # an image without proposals
+        recs[f"im{i}"] = {
+            "ipa_sum": rng.random(c),
+            "ipa_max": rng.random(c),
+            "height": 50,
+            "width": 60,
+            "boxes": rng.random((kk, 4)) * 50,
+            "objectness": rng.random(kk),
+            "rpa_sum": rng.random((kk, c)),
+            "rpa_max": rng.random((kk, c)),
+            "scores": rng.random((kk, 3)),
+        }
+    return write_index(root, recs), recs
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])

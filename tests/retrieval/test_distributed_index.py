@@ -3,31 +3,24 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
-import torch
 
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.index_store import IndexReader
-from tests.common import REPO_ROOT, tiny_model
+from tests.common import ZF_TINY, assert_same_index, run_tool, write_benchmark
 
 
-def _index(tmp, out, num_gpus):
-    cmd = [
-        sys.executable,
-        str(REPO_ROOT / "tools" / "retrieve.py"),
+def _index(tmp, weights, out, num_gpus):
+    args = [
         "index",
         "--num-gpus",
         str(num_gpus),
         "--dist-url",
         "auto",
         "--config-file",
-        str(REPO_ROOT / "configs/quick_schedules/ZF-tiny.yaml"),
+        ZF_TINY,
         "MODEL.WEIGHTS",
-        str(tmp / "zf.pth"),
+        weights,
         "RETRIEVAL.DATASET",
         "synthetic",
         "RETRIEVAL.SHARD_SIZE",
@@ -42,45 +35,29 @@ def _index(tmp, out, num_gpus):
     env = dict(
         os.environ, DETECTRON2_DATASETS=str(tmp), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"
     )
-    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_tool("retrieve", args, env, tmp, timeout=300)
     return proc.stderr + proc.stdout
-
-
-def _assert_same(a: IndexReader, b: IndexReader):
-    assert a.image_ids == b.image_ids and a.schema == b.schema
-    for f in [spec.name for spec in a.schema.image_fields]:
-        assert np.array_equal(a.image_vectors(f), b.image_vectors(f)), f
-    for i in range(a.num_images):
-        ra, rb = a.regions(i), b.regions(i)
-        for f in ra:
-            assert np.array_equal(ra[f], rb[f]), (a.image_ids[i], f)
 
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    generate_synthetic_benchmark(
-        str(tmp / "synthetic"),
-        num_instances=2,
-        queries_per_instance=1,
-        num_db=9,
-        short_side=112,
-        seed=1,
+    write_benchmark(
+        tmp / "synthetic", num_instances=2, queries_per_instance=1, num_db=9, short_side=112, seed=1
     )
-    torch.save({"model": tiny_model("ZF").state_dict()}, tmp / "zf.pth")
     return tmp
 
 
-def test_two_processes_equal_one_and_resume_a_crashed_rank(tmp):
-    _index(tmp, tmp / "one", 1)
-    log = _index(tmp, tmp / "two", 2)
+def test_two_processes_equal_one_and_resume_a_crashed_rank(tmp, zf):
+    _index(tmp, zf["weights"], tmp / "one", 1)
+    log = _index(tmp, zf["weights"], tmp / "two", 2)
     single, merged = IndexReader(tmp / "one" / "index"), IndexReader(tmp / "two" / "index")
     assert single.num_images == 9
     shards = sorted(p.name for p in (tmp / "two" / "index" / "shards").iterdir())
     assert {s[:7] for s in shards} == {"rank000", "rank001"}  # each rank wrote its own shards
     assert "[rank 1]" in log
-    _assert_same(single, merged)
+    assert single.schema == merged.schema
+    assert_same_index(single, merged)  # byte for byte
 
     # rank 1 crashed before the end: its shards are gone and nothing was finalized
     crashed = tmp / "crashed"
@@ -88,6 +65,8 @@ def test_two_processes_equal_one_and_resume_a_crashed_rank(tmp):
     (crashed / "index" / "manifest.json").unlink()
     for s in (crashed / "index" / "shards").glob("rank001-*"):
         shutil.rmtree(s)
-    log = _index(tmp, crashed, 2)
+    log = _index(tmp, zf["weights"], crashed, 2)
     assert "resuming" in log
-    _assert_same(single, IndexReader(crashed / "index"))
+    resumed = IndexReader(crashed / "index")
+    assert single.schema == resumed.schema
+    assert_same_index(single, resumed)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from retrieval_ext.retrieval.faiss_search import FaissFilter, FaissParams, recall_at_k
+from tests.common import random_record, write_index
 
 
 def _unit(rng, n, d):
@@ -80,31 +81,10 @@ def test_approximate_index_recall_save_and_reload(kind, tmp_path):
 
 
 def test_searcher_faiss_backend_matches_numpy_backend(tmp_path):
-    from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
     from retrieval_ext.retrieval.search import IndexSearcher
 
     rng = np.random.default_rng(3)
-    with IndexWriter(tmp_path, {"t": 1}, 4, "float32", 0, default_schema()) as w:
-        for i in range(12):
-            k = 3
-            w.add(
-                f"im{i}",
-                {
-                    "ipa_sum": rng.random(8),
-                    "ipa_max": rng.random(8),
-                    "height": 10,
-                    "width": 10,
-                    "boxes": np.tile([0, 0, 5, 5], (k, 1)),
-                    "objectness": rng.random(k),
-                    "rpa_sum": rng.random((k, 8)),
-                    "rpa_max": rng.random((k, 8)),
-                    "scores": rng.random((k, 3)),
-                },
-            )
-    IndexWriter(tmp_path, {"t": 1}, 4, "float32", 0, default_schema()).finalize(
-        [f"im{i}" for i in range(12)]
-    )
-    index = IndexReader(tmp_path)
+    index = write_index(tmp_path, {f"im{i}": random_record(rng, 3) for i in range(12)})
     query = {"ipa_sum": rng.random(8), "ipa_max": rng.random(8), "crop_max": rng.random(8)}
     a = IndexSearcher(index, top_n=5).search(query, ["filtering", "ca_sr"])
     b = IndexSearcher(index, top_n=5, filter_backend="faiss").search(query, ["filtering", "ca_sr"])

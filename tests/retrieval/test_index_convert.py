@@ -13,7 +13,6 @@ from detectron2.modeling import build_model
 from retrieval_ext.data import register_custom_dataset
 from retrieval_ext.data.datasets import unregister_retrieval_dataset
 from retrieval_ext.data.datasets.catalog import get_dataset_dicts
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.compression import COMPRESSION_FILE, RegionCompression
 from retrieval_ext.retrieval.extractor import FeatureExtractor, model_fingerprint
 from retrieval_ext.retrieval.index_convert import ConversionError, convert_index
@@ -26,8 +25,9 @@ from retrieval_ext.retrieval.index_store import (
     default_schema,
 )
 from retrieval_ext.retrieval.indexing import build_index, open_index
-from retrieval_ext.retrieval.search import STAGES, IndexSearcher
-from tests.common import REPO_ROOT, ca_sr_per_image, tiny_cfg
+from retrieval_ext.retrieval.search import IndexSearcher
+from retrieval_ext.retrieval.stages import STAGES
+from tests.common import REPO_ROOT, ca_sr_per_image, save_checkpoint, tiny_cfg, write_benchmark
 
 NAME = "old_format"
 OPTS = ["MODEL.PROPOSAL_GENERATOR.NAME", "DenseRegionProposals", "RETRIEVAL.DATASET", NAME]
@@ -91,15 +91,13 @@ def write_old_format_index(cfg, model, root):
 @pytest.fixture(scope="module")
 def old(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("old_index")
-    generate_synthetic_benchmark(
-        str(tmp / "data"), num_instances=2, queries_per_instance=1, num_db=20, short_side=96
-    )
+    write_benchmark(tmp / "data", num_db=20, queries_per_instance=1, seed=0)
     register_custom_dataset(NAME, str(tmp / "data"))
     torch.manual_seed(0)
     cfg0 = tiny_cfg("ZF", OPTS)
     model = build_model(cfg0).eval()
-    torch.save({"model": model.state_dict()}, tmp / "zf.pth")
-    cfg = tiny_cfg("ZF", OPTS + ["MODEL.WEIGHTS", str(tmp / "zf.pth"), "OUTPUT_DIR", str(tmp)])
+    weights = save_checkpoint(model, tmp / "zf.pth")
+    cfg = tiny_cfg("ZF", OPTS + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp)])
     index = write_old_format_index(cfg, model, tmp / "index")
     yield {"tmp": tmp, "cfg": cfg, "index": index}
     unregister_retrieval_dataset(NAME)

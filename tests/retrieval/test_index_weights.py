@@ -6,56 +6,33 @@ initialised, so a process that does not load the index's weights computes other 
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
-from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 from retrieval_ext.retrieval.extractor import weights_hash
 from retrieval_ext.retrieval.index_store import IndexMismatchError, IndexReader
-from tests.common import REPO_ROOT, tiny_model
+from tests.common import REPO_ROOT, run_python, run_tool, tiny_model, write_benchmark
 
 CONFIG = str(REPO_ROOT / "configs/quick_schedules/EfficientNet-Lite0-tiny.yaml")
 
 
 def _python(code, env, cwd):
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout
+    return run_python(["-c", textwrap.dedent(code)], env, cwd).stdout
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("index_weights")
-    generate_synthetic_benchmark(
-        str(tmp / "synthetic"), num_instances=2, queries_per_instance=1, num_db=6, short_side=96
-    )
+    write_benchmark(tmp / "synthetic", num_db=6, queries_per_instance=1, seed=0)
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp), PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = str(REPO_ROOT)
     out = tmp / "out"
     opts = ["OUTPUT_DIR", str(out), "RETRIEVAL.FILTER_BACKEND", "numpy", "RETRIEVAL.TOP_N", "6"]
     opts += ["RETRIEVAL.QE_M", "2"]
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools/retrieve.py"), "index", "--config-file", CONFIG]
-        + opts,
-        env=env,
-        cwd=tmp,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_tool("retrieve", ["index", "--config-file", CONFIG] + opts, env, tmp)
     return {"tmp": tmp, "out": out, "env": env}
 
 

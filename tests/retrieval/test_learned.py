@@ -8,7 +8,7 @@ import pytest
 from retrieval_ext.data.datasets.catalog import get_dataset_dicts
 from retrieval_ext.retrieval.index_store import IndexReader
 from retrieval_ext.retrieval.learned import load_or_learn_whitening
-from tests.common import make_extractor, pattern_image, register, write_collection
+from tests.common import make_extractor, pattern_image, register, write_benchmark, write_collection
 
 
 def test_whitening_on_the_test_dataset_warns_about_the_leak(zf, tmp_path, registered, logs):
@@ -32,18 +32,10 @@ def test_whitening_on_the_test_dataset_warns_about_the_leak(zf, tmp_path, regist
 def datasets(tmp_path_factory):
     from retrieval_ext.data import register_custom_dataset
     from retrieval_ext.data.datasets import unregister_retrieval_dataset
-    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
 
     tmp = tmp_path_factory.mktemp("region_whitening")
     for name, seed in (("rw_syn", 0), ("rw_white", 1000)):
-        generate_synthetic_benchmark(
-            str(tmp / name),
-            num_instances=2,
-            queries_per_instance=1,
-            num_db=6,
-            short_side=96,
-            seed=seed,
-        )
+        write_benchmark(tmp / name, num_db=6, queries_per_instance=1, seed=seed)
         register_custom_dataset(name, str(tmp / name))
     yield tmp
     for name in ("rw_syn", "rw_white"):

@@ -15,7 +15,8 @@ from retrieval_ext.retrieval.indexing import build_index
 from retrieval_ext.retrieval.learned import load_or_learn_whitening
 from retrieval_ext.retrieval.pipeline import search_all
 from retrieval_ext.retrieval.queries import extract_queries
-from retrieval_ext.retrieval.search import STAGES, IndexSearcher
+from retrieval_ext.retrieval.search import IndexSearcher
+from retrieval_ext.retrieval.stages import STAGES
 from tests.common import make_extractor, pattern_image, register, write_collection
 
 CA_STAGES = [s for s in STAGES if not s.startswith("cs_")]

@@ -9,7 +9,7 @@ from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, defaul
 from retrieval_ext.retrieval.product_quantization import KSUB, RegionPQ, learn_region_pq
 from retrieval_ext.retrieval.reranking import class_agnostic_rerank
 from retrieval_ext.retrieval.search import IndexSearcher
-from tests.common import ca_sr_per_image
+from tests.common import ca_sr_per_image, tiny_cfg, write_benchmark
 
 
 def _unit(rng, n, d):
@@ -112,16 +112,12 @@ def test_indexing_learns_the_quantiser_on_a_sample_of_the_collection(tmp_path):
     and the stored codes are those of the collection's own region vectors."""
     from retrieval_ext.data import register_custom_dataset
     from retrieval_ext.data.datasets import unregister_retrieval_dataset
-    from retrieval_ext.data.datasets.synthetic import generate_synthetic_benchmark
     from retrieval_ext.retrieval.compression import load_region_compression
     from retrieval_ext.retrieval.extractor import FeatureExtractor
     from retrieval_ext.retrieval.paths import index_paths
     from retrieval_ext.retrieval.pipeline import prepare_index
-    from tests.common import tiny_cfg
 
-    generate_synthetic_benchmark(
-        str(tmp_path / "d"), num_instances=2, queries_per_instance=1, num_db=24, short_side=96
-    )
+    write_benchmark(tmp_path / "d", num_db=24, queries_per_instance=1, seed=0)
     register_custom_dataset("pq_syn", str(tmp_path / "d"))
     try:
         opts = ["MODEL.PROPOSAL_GENERATOR.NAME", "DenseRegionProposals"]

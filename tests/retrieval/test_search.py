@@ -1,51 +1,18 @@
-"""IndexSearcher: its stage graph and its construction from a config."""
+"""IndexSearcher: its construction from a config and its stages on a small stored index."""
 
 import numpy as np
 import pytest
 
 from retrieval_ext.retrieval.faiss_search import FaissParams
-from retrieval_ext.retrieval.index_store import IndexReader, IndexWriter, default_schema
-from retrieval_ext.retrieval.search import STAGES, IndexSearcher, stage_chain
-from tests.common import tiny_cfg
-
-
-def test_stage_chains_written_out():
-    assert {s: stage_chain(s) for s in STAGES} == {
-        "filtering": ("filtering",),
-        "filtering_qe": ("filtering", "filtering_qe"),
-        "ca_sr": ("filtering", "ca_sr"),
-        "ca_sr_qe": ("filtering", "ca_sr", "ca_sr_qe"),
-        "cs_sr": ("filtering", "cs_sr"),
-        "cs_sr_qe": ("filtering", "cs_sr", "cs_sr_qe"),
-    }
-    with pytest.raises(ValueError, match="unknown stage 'rerank'"):
-        stage_chain("rerank")
+from retrieval_ext.retrieval.search import IndexSearcher
+from tests.common import random_record, tiny_cfg, write_index
 
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    root = tmp_path_factory.mktemp("search_index")
     rng = np.random.default_rng(5)
-    ids = [f"im{i}" for i in range(6)]
-    with IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()) as w:
-        for image_id in ids:
-            k = 2
-            w.add(
-                image_id,
-                {
-                    "ipa_sum": rng.random(8),
-                    "ipa_max": rng.random(8),
-                    "height": 10,
-                    "width": 10,
-                    "boxes": np.tile([0, 0, 5, 5], (k, 1)),
-                    "objectness": rng.random(k),
-                    "rpa_sum": rng.random((k, 8)),
-                    "rpa_max": rng.random((k, 8)),
-                    "scores": rng.random((k, 3)),
-                },
-            )
-    IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()).finalize(ids)
-    return IndexReader(root)
+    records = {f"im{i}": random_record(rng, 2) for i in range(6)}
+    return write_index(tmp_path_factory.mktemp("search_index"), records)
 
 
 def test_from_config_takes_the_retrieval_settings(index):
@@ -111,28 +78,24 @@ def gated(request, tmp_path_factory):
     cos = STANDS_OUT if request.param == "stands_out" else EVEN
     root = tmp_path_factory.mktemp(f"gated_{request.param}")
     rng = np.random.default_rng(11)
-    ids = [f"im{i}" for i in range(N_IMAGES)]
-    data = []
-    with IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()) as w:
-        for i, image_id in enumerate(ids):
-            rpa = np.stack([_with_cosine(rng, cos[i] - 0.2), _with_cosine(rng, cos[i])])
-            # the most probable proposal (class 0) is not the one most similar to the query
-            probs = np.array([[cos[i], 0.0, 1 - cos[i]], [cos[i] / 4, 0.1, 1 - cos[i] / 4 - 0.1]])
-            rec = {
-                "ipa_sum": rng.random(DIM),
-                "ipa_max": _with_cosine(rng, cos[i]),
-                "height": 10,
-                "width": 10,
-                "boxes": np.array([[0, 0, 5, 5], [1, 1, 6, 6]], dtype=np.float64),
-                "objectness": rng.random(2),
-                "rpa_sum": rng.random((2, DIM)),
-                "rpa_max": rpa,
-                "scores": probs,
-            }
-            w.add(image_id, rec)
-            data.append(rec)
-    IndexWriter(root, {"t": 1}, 4, "float32", 0, default_schema()).finalize(ids)
-    return {"index": IndexReader(root), "data": data, "case": request.param}
+    records = {}
+    for i in range(N_IMAGES):
+        rpa = np.stack([_with_cosine(rng, cos[i] - 0.2), _with_cosine(rng, cos[i])])
+        # the most probable proposal (class 0) is not the one most similar to the query
+        probs = np.array([[cos[i], 0.0, 1 - cos[i]], [cos[i] / 4, 0.1, 1 - cos[i] / 4 - 0.1]])
+        records[f"im{i}"] = {
+            "ipa_sum": rng.random(DIM),
+            "ipa_max": _with_cosine(rng, cos[i]),
+            "height": 10,
+            "width": 10,
+            "boxes": np.array([[0, 0, 5, 5], [1, 1, 6, 6]], dtype=np.float64),
+            "objectness": rng.random(2),
+            "rpa_sum": rng.random((2, DIM)),
+            "rpa_max": rpa,
+            "scores": probs,
+        }
+    index = write_index(root, records)
+    return {"index": index, "data": list(records.values()), "case": request.param}
 
 
 def _rank(scores, candidates):

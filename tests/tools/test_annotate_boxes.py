@@ -16,7 +16,7 @@ from retrieval_ext.data.boxes import InvalidBoxError
 from retrieval_ext.data.datasets.custom import load_custom
 from retrieval_ext.data.mapper import UnreadableImageError
 from retrieval_ext.evaluation.evaluator import evaluate_stages
-from retrieval_ext.retrieval.search import StageResult
+from retrieval_ext.retrieval.stages import StageResult
 from tests.common import REPO_ROOT, load_tool
 from tests.data.synthetic_planar import KNOWN_H, projected_box, textured, warp_into
 

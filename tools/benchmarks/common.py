@@ -93,6 +93,14 @@ def write_json(output_dir: str, name: str, data: dict) -> str:
     return path
 
 
+def save_results(args, name: str, machine: dict, **results) -> dict:
+    """Write an experiment's ``<args.output_dir>/<name>.json``: the machine it ran on, its
+    arguments, then ``results`` (keys in the order given); returns what was written."""
+    data = {"machine": machine, "args": jsonable_args(args), **results}
+    write_json(args.output_dir, name, data)
+    return data
+
+
 def fmt(x, digits=2) -> str:
     return f"{x:.{digits}f}"
 

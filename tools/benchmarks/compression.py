@@ -14,12 +14,11 @@ from .common import (
     build_cfg,
     build_model,
     config_file,
-    jsonable_args,
     machine_info,
     print_machine,
     print_table,
+    save_results,
     synthetic_datasets,
-    write_json,
 )
 
 COMPRESSION_OPTIONS = [
@@ -171,9 +170,7 @@ def cmd_compression(args) -> dict:
             ref, queries, pca_vecs, index_s = _build_indexes(cfg, name, other, tmp)
             rows = _measure_options(options, name, tmp, ref, queries, pca_vecs)
     _report(args, rows, len(queries), index_s)
-    data = {"machine": info, "args": jsonable_args(args), "results": rows, "index_s": index_s}
-    write_json(args.output_dir, "compression", data)
-    return data
+    return save_results(args, "compression", info, results=rows, index_s=index_s)
 
 
 def register(subparsers):

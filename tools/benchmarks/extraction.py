@@ -25,12 +25,11 @@ from .common import (
     build_model,
     config_file,
     fmt,
-    jsonable_args,
     machine_info,
     print_machine,
     print_table,
+    save_results,
     set_denormals,
-    write_json,
 )
 
 BACKBONES = ("R50-C4", "R50-FPN", "VGG16", "ZF", "EfficientNet-Lite0")
@@ -298,9 +297,7 @@ def cmd_extraction(args) -> dict:
         "RetrievalRCNN inference (RPN, RoI pooling, box head, RPA)"
     )
     print_table(table_rows(results, backbones), HEADERS, title)
-    data = {"machine": info, "args": jsonable_args(args), "results": results}
-    write_json(args.output_dir, "extraction", data)
-    return data
+    return save_results(args, "extraction", info, results=results)
 
 
 def register(subparsers):

@@ -15,11 +15,10 @@ from .common import (
     CONFIGS,
     add_experiment_parser,
     add_threads_arg,
-    jsonable_args,
     machine_info,
     print_machine,
     print_table,
-    write_json,
+    save_results,
 )
 from .index_variants import Layout, prepare, run_layouts, smvs_bench, synthetic_bench
 
@@ -322,18 +321,17 @@ def cmd_index_cost(args) -> dict:
             )
         )
     verdicts = targets(results, ext_default, latency)
-    data = {
-        "machine": info,
-        "args": jsonable_args(args),
-        "results": results,
-        "notes": notes,
-        "extraction": extraction,
-        "latency_ms": latency,
-        "one_million": scale,
-        "targets": verdicts,
-    }
-    write_json(args.output_dir, "index_cost", data)
-    return data
+    return save_results(
+        args,
+        "index_cost",
+        info,
+        results=results,
+        notes=notes,
+        extraction=extraction,
+        latency_ms=latency,
+        one_million=scale,
+        targets=verdicts,
+    )
 
 
 def register(subparsers):

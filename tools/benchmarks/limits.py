@@ -9,13 +9,12 @@ from .common import (
     build_cfg,
     build_model,
     config_file,
-    jsonable_args,
     machine_info,
     median_ms,
     print_machine,
     print_table,
     random_unit,
-    write_json,
+    save_results,
 )
 
 
@@ -125,9 +124,7 @@ def cmd_limits(args) -> dict:
         }
     )
     _report(args, res)
-    data = {"machine": info, "args": jsonable_args(args), "results": res}
-    write_json(args.output_dir, "limits", data)
-    return data
+    return save_results(args, "limits", info, results=res)
 
 
 def register(subparsers):

@@ -21,13 +21,12 @@ from .common import (
     build_model,
     config_file,
     fmt,
-    jsonable_args,
     machine_info,
     print_machine,
     print_table,
+    save_results,
     set_denormals,
     synthetic_datasets,
-    write_json,
 )
 
 HEADERS = [
@@ -224,13 +223,7 @@ def cmd_rerank(args) -> dict:
             per_query, index, index_seconds = _measure(args, cfg, name, tmp, top_n)
     summary = _summary(args, cfg, per_query, index, index_seconds, top_n)
     _report(args, summary, index.num_images)
-    data = {
-        "machine": info,
-        "args": jsonable_args(args),
-        "summary": summary,
-        "per_query": per_query,
-    }
-    write_json(args.output_dir, "rerank", data)
+    data = save_results(args, "rerank", info, summary=summary, per_query=per_query)
     if not summary["all_agree"]:
         raise SystemExit("stored and re-run CA-SR rankings disagree beyond float16 tolerance")
     return data

@@ -10,14 +10,13 @@ import numpy as np
 from .common import (
     add_experiment_parser,
     fmt,
-    jsonable_args,
     machine_info,
     median_ms,
     print_machine,
     print_table,
     random_unit,
+    save_results,
     time_rank,
-    write_json,
     write_synthetic_index,
 )
 
@@ -312,15 +311,7 @@ def cmd_scale(args) -> dict:
         "dim": args.dim,
     }
     _report(args, rows, recalls, rerank)
-    data = {
-        "machine": info,
-        "args": jsonable_args(args),
-        "latency": rows,
-        "recall": recalls,
-        "rerank": rerank,
-    }
-    write_json(args.output_dir, "scale", data)
-    return data
+    return save_results(args, "scale", info, latency=rows, recall=recalls, rerank=rerank)
 
 
 def register(subparsers):

@@ -10,13 +10,12 @@ from .common import (
     MB,
     add_experiment_parser,
     fmt,
-    jsonable_args,
     machine_info,
     print_machine,
     print_table,
     random_unit,
+    save_results,
     time_rank,
-    write_json,
     write_synthetic_index,
 )
 
@@ -161,9 +160,7 @@ def cmd_search(args) -> dict:
     filtering = _time_filtering(rng, sizes, args)
     ca = _time_ca_sr(rng, args)
     _report(args, filtering, ca)
-    data = {"machine": info, "args": jsonable_args(args), "filtering": filtering, "ca_sr": ca}
-    write_json(args.output_dir, "search", data)
-    return data
+    return save_results(args, "search", info, filtering=filtering, ca_sr=ca)
 
 
 def register(subparsers):

@@ -17,6 +17,7 @@ guaranteed to hold the ground truth.
 
 import contextvars
 import copy
+import json
 import logging
 import os
 import re
@@ -94,6 +95,23 @@ def require_file(path: str, what: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {os.path.abspath(path)} ({README_HINT})")
     return os.path.abspath(path)
+
+
+def read_json(path: str, kind: type, expected: str):
+    """The content of the JSON file ``path``, which must be a ``kind`` (``dict`` or ``list``).
+
+    Raises:
+        ValueError: the file is not valid JSON, or holds something else than a ``kind``
+            (``expected`` says what it should hold); the message names the file.
+    """
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected {expected}")
+    return data
 
 
 def index_images(

@@ -20,7 +20,6 @@ Objects sorted by name give the class ids. Without ``relevance.json`` the metada
 import copy
 import csv
 import difflib
-import json
 import os
 from typing import Dict, List, Set
 
@@ -32,11 +31,15 @@ from .common import (
     index_images,
     make_finetune_dicts,
     parse_box,
+    read_json,
     register_retrieval_dataset,
     require_dir,
 )
 
 __all__ = ["load_custom", "read_queries", "register_custom_dataset"]
+
+# what relevance.json holds, for the error about a file that holds something else
+RELEVANCE_FORMAT = "{object: {positives, junk, boxes}}"
 
 IMAGES_DIR = "images"
 CSV_HEADER = ["image", "x1", "y1", "x2", "y2", "object"]
@@ -60,13 +63,7 @@ def read_queries(root: str) -> List[dict]:
     csv_path = os.path.join(root, "queries.csv")
     if os.path.isfile(json_path):
         path = json_path
-        with open(path) as f:
-            try:
-                entries = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(entries, list):
-            raise ValueError(f"{path}: expected a list of {{image, box, object}} entries")
+        entries = read_json(path, list, "a list of {image, box, object} entries")
         raw = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict) or not {"image", "box", "object"} <= set(e):
@@ -137,13 +134,7 @@ def _read_relevance(
     path: str, objects: List[str], rel_to_index: Dict[str, int], skipped: Set[str], root: str
 ) -> Dict[str, dict]:
     """Per object, ``{"ok", "junk"[, "boxes"]}`` in db indices (see :func:`load_custom`)."""
-    with open(path) as f:
-        try:
-            rel = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rel, dict):
-        raise ValueError(f"{path}: expected {{object: {{positives, junk, boxes}}}}")
+    rel = read_json(path, dict, RELEVANCE_FORMAT)
     _check_relevance_keys(path, rel, objects)
 
     def indices(obj, key, names):

@@ -160,6 +160,21 @@ def read_gt_txt(gt_dir: str) -> _Gt:
     return qnames, boxes, landmarks, judgements, None
 
 
+def load_gnd_pickle(path: str):
+    """``(imlist, qimlist, gnd)`` of a cnnimageretrieval / revisitop ``gnd_*.pkl``: the database
+    and query image names (lists) and the per-query ground truth, as stored.
+
+    Raises:
+        ValueError: the pickle is not a dict with these three keys (the message names the file).
+    """
+    with open(path, "rb") as f:
+        gt = pickle.load(f)
+    try:
+        return list(gt["imlist"]), list(gt["qimlist"]), gt["gnd"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd ({e})") from None
+
+
 def read_gt_pkl(path: str, landmarks: Sequence[str]) -> _Gt:
     """Reads a cnnimageretrieval ``gnd_*.pkl`` (imlist, qimlist, gnd[i] = {bbx, ok, junk}).
 
@@ -171,12 +186,7 @@ def read_gt_pkl(path: str, landmarks: Sequence[str]) -> _Gt:
     Returns:
         tuple: as :func:`read_gt_txt`, with the pickle's ``imlist`` as last element.
     """
-    with open(path, "rb") as f:
-        gt = pickle.load(f)
-    try:
-        imlist, qimlist, gnd = list(gt["imlist"]), list(gt["qimlist"]), gt["gnd"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: expected a dict with imlist, qimlist and gnd ({e})") from None
+    imlist, qimlist, gnd = load_gnd_pickle(path)
     per_landmark, rem = divmod(len(qimlist), len(landmarks))
     if rem or len(gnd) != len(qimlist):
         raise ValueError(

@@ -21,7 +21,6 @@ positives are named after (see :func:`infer_query_landmarks`).
 import collections
 import logging
 import os
-import pickle
 import re
 from typing import Dict, List, Optional, Sequence
 
@@ -36,7 +35,7 @@ from .common import (
     require_dir,
     require_file,
 )
-from .oxford_paris import OXFORD_LANDMARKS, PARIS_LANDMARKS
+from .oxford_paris import OXFORD_LANDMARKS, PARIS_LANDMARKS, load_gnd_pickle
 
 __all__ = ["load_revisited", "landmark_of_name", "infer_query_landmarks"]
 
@@ -126,12 +125,7 @@ def _read_distractors(distractors_root: str) -> Dict[str, str]:
 def _read_gnd_pkl(pkl_path: str):
     """(imlist, qimlist, query boxes, judgements {"easy", "hard", "junk": image names}) of a
     revisitop ``gnd_*.pkl``."""
-    with open(pkl_path, "rb") as f:
-        gt = pickle.load(f)
-    try:
-        imlist, qimlist, raw_gnd = list(gt["imlist"]), list(gt["qimlist"]), gt["gnd"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{pkl_path}: expected a dict with imlist, qimlist, gnd ({e})") from None
+    imlist, qimlist, raw_gnd = load_gnd_pickle(pkl_path)
     if len(raw_gnd) != len(qimlist):
         raise ValueError(f"{pkl_path}: {len(qimlist)} queries but {len(raw_gnd)} gnd entries")
     judgements, boxes = [], []

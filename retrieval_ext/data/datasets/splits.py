@@ -21,7 +21,8 @@ import os
 import shutil
 from typing import Dict, List, Optional, Sequence
 
-from .common import IMAGE_EXTENSIONS
+from .common import IMAGE_EXTENSIONS, read_json
+from .custom import RELEVANCE_FORMAT
 
 __all__ = [
     "IMAGES_DIR",
@@ -77,14 +78,7 @@ def filter_relevance(relevance: Dict[str, dict], groups: Sequence[str]) -> Dict[
 def _read_relevance(path: str) -> Dict[str, dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: a split needs relevance judgements")
-    with open(path) as f:
-        try:
-            relevance = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(relevance, dict):
-        raise ValueError(f"{path}: expected {{object: {{positives, junk, boxes}}}}")
-    return relevance
+    return read_json(path, dict, RELEVANCE_FORMAT)
 
 
 def _check_groups(root: str, output: str, groups: Sequence[str]):
