@@ -238,6 +238,16 @@ def add_retrieval_config(cfg):
     # or "region" (the image's CA-SR located box: the proposals most similar to the query region,
     # voted with BOX_VOTE_DELTA). Fine-tuned ft2 on SMVS validation: IoU 0.32 -> 0.62.
     _C.RETRIEVAL.CS_SR_BOX = "class"
+    # Where CS-SR reads each proposal's class probabilities: "model" (the paper: the stored class
+    # scores of a box head fine-tuned on the query objects) or "queries": a softmax over the
+    # proposal's cosines to the query objects' region vectors (each object's queries averaged)
+    # at CS_SR_TEMPERATURE, with a background logit at the cosine CS_SR_BACKGROUND
+    # (retrieval/query_classes.py). "queries" needs no training and works with any model: a
+    # proposal scores high only when it matches the query object better than every other query
+    # object. The whole query set is the class set, so it suits a known catalogue of objects.
+    _C.RETRIEVAL.CS_SR_CLASSIFIER = "model"
+    _C.RETRIEVAL.CS_SR_TEMPERATURE = 30.0
+    _C.RETRIEVAL.CS_SR_BACKGROUND = 0.5
 
     # ---------------------------------------------------------------- search at scale
     # Filtering back-end: "faiss" (faiss-cpu / faiss GPU where installed) or "numpy" (ranking.py).
