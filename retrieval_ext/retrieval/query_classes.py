@@ -67,12 +67,12 @@ def query_class_probabilities(cosines, temperature: float, background: float) ->
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    c = np.asarray(cosines, dtype=np.float64)
+    c = np.asarray(cosines, dtype=np.float32)
     if c.ndim != 2:
         raise ValueError(f"cosines must be 2-D (regions, classes), got shape {c.shape}")
-    logits = np.concatenate([c, np.full((c.shape[0], 1), float(background))], axis=1)
-    logits *= float(temperature)
+    logits = np.concatenate([c, np.full((c.shape[0], 1), background, np.float32)], axis=1)
+    logits *= np.float32(temperature)
     logits -= logits.max(axis=1, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
-    return p.astype(np.float32)
+    return p

@@ -15,6 +15,7 @@ The stage names, their graph and :class:`~retrieval_ext.retrieval.stages.StageRe
 re-exported here for callers that import them from this module.
 """
 
+import functools
 import threading
 import time
 from dataclasses import replace
@@ -46,6 +47,10 @@ __all__ = [
     "StageResult",
     "stage_chain",
 ]
+
+# Images whose "queries"-classifier probabilities a searcher keeps (about 100 KB each with 100
+# query objects and 262 proposals): a query's N reranked images, many times over.
+_CLASS_SCORE_CACHE_IMAGES = 512
 
 
 def _no_boxes(n):
@@ -278,6 +283,10 @@ class IndexSearcher:
         self._class_weights = class_prototypes(
             vectors, [q["category_id"] for q in queries], int(num_classes)
         )
+        # an image's class probabilities do not depend on the query: computed once per image
+        self._cached_class_scores = functools.lru_cache(maxsize=_CLASS_SCORE_CACHE_IMAGES)(
+            self._query_class_scores
+        )
 
     def query_vector(self, query: dict) -> np.ndarray:
         """The query's normalised (and whitened) filtering vector, (D,)."""
@@ -391,7 +400,7 @@ class IndexSearcher:
 
     def _cs(self, q: "_Query", order, scores, n):
         if self.cs_sr_classifier == "queries":
-            class_scores, boxes = self._query_class_scores, self._boxes
+            class_scores, boxes = self._cached_class_scores, self._boxes
         else:
             class_scores = self._scores
             boxes = self._class_boxes if self._class_boxes is not None else self._boxes
