@@ -12,13 +12,18 @@ The functions here are pure; :class:`~.search.IndexSearcher` applies them to the
 vectors of the images it reranks.
 """
 
-from typing import Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from .normalization import l2_normalize
 
-__all__ = ["class_prototypes", "query_class_probabilities"]
+__all__ = ["QueryClassifier", "class_prototypes", "query_class_probabilities"]
+
+# Images whose probabilities a classifier keeps (about 100 KB each with 100 query objects and
+# 262 proposals): the N images a query reranks, reused by the next queries.
+_CACHE_IMAGES = 512
 
 
 def class_prototypes(region_vectors, class_ids: Sequence[int], num_classes: int) -> np.ndarray:
@@ -76,3 +81,41 @@ def query_class_probabilities(cosines, temperature: float, background: float) ->
     p = np.exp(logits)
     p /= p.sum(axis=1, keepdims=True)
     return p
+
+
+class QueryClassifier:
+    """The class probabilities of stored proposals under the query-set classifier.
+
+    Args:
+        weights: (C, D) class weights (:func:`class_prototypes`).
+        temperature, background: see :func:`query_class_probabilities`.
+        region_vectors: database index -> the image's stored region rows (K_i, D').
+        decode: stored rows -> float vectors in the weights' space (product-quantised codes);
+            None: the rows are vectors.
+    """
+
+    def __init__(
+        self,
+        weights: np.ndarray,
+        temperature: float,
+        background: float,
+        region_vectors: Callable[[int], np.ndarray],
+        decode: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    ):
+        self.weights = np.asarray(weights, dtype=np.float32)
+        self.temperature, self.background = float(temperature), float(background)
+        self._rows, self._decode = region_vectors, decode
+        # an image's probabilities do not depend on the query: computed once per image
+        self.scores = functools.lru_cache(maxsize=_CACHE_IMAGES)(self._scores)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[0])
+
+    def _scores(self, i: int) -> np.ndarray:
+        """(K_i, C + 1) probabilities of image ``i``'s proposals, background last."""
+        rows = np.asarray(self._rows(int(i)))
+        if self._decode is not None:
+            rows = self._decode(rows)
+        cosines = l2_normalize(rows.astype(np.float32)) @ self.weights.T
+        return query_class_probabilities(cosines, self.temperature, self.background)

@@ -15,7 +15,6 @@ The stage names, their graph and :class:`~retrieval_ext.retrieval.stages.StageRe
 re-exported here for callers that import them from this module.
 """
 
-import functools
 import threading
 import time
 from dataclasses import replace
@@ -28,7 +27,7 @@ from .compression import RegionCompression, load_region_compression
 from .contents import IndexContents, MissingFieldError, class_accessors
 from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
-from .query_classes import class_prototypes, query_class_probabilities
+from .query_classes import QueryClassifier, class_prototypes
 from .query_expansion import (
     average_query_expansion,
     block_region_vectors,
@@ -47,10 +46,6 @@ __all__ = [
     "StageResult",
     "stage_chain",
 ]
-
-# Images whose "queries"-classifier probabilities a searcher keeps (about 100 KB each with 100
-# query objects and 262 proposals): a query's N reranked images, many times over.
-_CLASS_SCORE_CACHE_IMAGES = 512
 
 
 def _no_boxes(n):
@@ -177,7 +172,7 @@ class IndexSearcher:
         self.cs_sr_classifier = cs_sr_classifier
         self.cs_sr_temperature = float(cs_sr_temperature)
         self.cs_sr_background = float(cs_sr_background)
-        self._class_weights: Optional[np.ndarray] = None
+        self._query_classifier: Optional[QueryClassifier] = None
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
@@ -262,7 +257,8 @@ class IndexSearcher:
         stores none (or, for an index without recorded contents, has no proposal). With the
         "queries" classifier: the classes :meth:`set_query_classes` set (None before)."""
         if self.cs_sr_classifier == "queries":
-            return None if self._class_weights is None else int(self._class_weights.shape[0])
+            q = self._query_classifier
+            return None if q is None else q.num_classes
         if self._scores is None:
             return None
         if self.contents.num_classes:
@@ -280,12 +276,14 @@ class IndexSearcher:
         """The classes of the "queries" CS-SR classifier: class ``c``'s weight is the mean region
         vector of the queries whose ``category_id`` is ``c`` (every class needs one)."""
         vectors = [self.query_region_vector(q) for q in queries]
-        self._class_weights = class_prototypes(
-            vectors, [q["category_id"] for q in queries], int(num_classes)
-        )
-        # an image's class probabilities do not depend on the query: computed once per image
-        self._cached_class_scores = functools.lru_cache(maxsize=_CLASS_SCORE_CACHE_IMAGES)(
-            self._query_class_scores
+        weights = class_prototypes(vectors, [q["category_id"] for q in queries], int(num_classes))
+        comp = self.region_compression
+        self._query_classifier = QueryClassifier(
+            weights,
+            self.cs_sr_temperature,
+            self.cs_sr_background,
+            self._rpa,
+            comp.decode if comp is not None and comp.pq is not None else None,
         )
 
     def query_vector(self, query: dict) -> np.ndarray:
@@ -388,19 +386,9 @@ class IndexSearcher:
         decode = comp.decode if comp is not None and comp.pq is not None else None
         return block_region_vectors(ca, images, self._rpa, decode)
 
-    def _query_class_scores(self, i: int) -> np.ndarray:
-        """Class probabilities of image ``i``'s proposals from the "queries" classifier,
-        (K_i, C + 1), background last."""
-        rows = np.asarray(self._rpa(int(i)))
-        comp = self.region_compression
-        if comp is not None and comp.pq is not None:
-            rows = comp.decode(rows)
-        cosines = l2_normalize(rows.astype(np.float32)) @ self._class_weights.T
-        return query_class_probabilities(cosines, self.cs_sr_temperature, self.cs_sr_background)
-
     def _cs(self, q: "_Query", order, scores, n):
         if self.cs_sr_classifier == "queries":
-            class_scores, boxes = self._cached_class_scores, self._boxes
+            class_scores, boxes = self._query_classifier.scores, self._boxes
         else:
             class_scores = self._scores
             boxes = self._class_boxes if self._class_boxes is not None else self._boxes
