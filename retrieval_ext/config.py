@@ -245,7 +245,7 @@ def add_retrieval_config(cfg):
     # (retrieval/query_classes.py). "queries" needs no training and works with any model: a
     # proposal scores high only when it matches the query object better than every other query
     # object. The whole query set is the class set, so it suits a known catalogue of objects.
-    _C.RETRIEVAL.CS_SR_CLASSIFIER = "model"
+    _C.RETRIEVAL.CS_SR_CLASSIFIER = "queries"
     _C.RETRIEVAL.CS_SR_TEMPERATURE = 30.0
     _C.RETRIEVAL.CS_SR_BACKGROUND = 0.5
 
