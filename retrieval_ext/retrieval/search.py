@@ -100,8 +100,9 @@ class IndexSearcher:
         cs_sr_box: the box CS-SR (and CS-SR + QE) locate the object with in each reranked image:
             "class" (the paper): the proposal with the highest probability of the query's class
             (its class-regressed box when stored); "region": the image's CA-SR located box (the
-            proposals most similar to the query region, voted with ``box_vote_delta``). The
-            ranking is the same.
+            proposals most similar to the query region, voted with ``box_vote_delta``); "auto":
+            "class" with the model's class scores, "region" with the query-set classifier (it
+            has no class-regressed boxes). The ranking is the same.
         cs_sr_classifier: where CS-SR reads each proposal's class probabilities: "model" (the
             paper): the class scores the index stores (a box head fine-tuned on the query
             objects); "queries": a softmax over the proposal's cosines to the query objects'
@@ -129,7 +130,7 @@ class IndexSearcher:
         region_compression="auto",
         box_vote_delta: float = 0.0,
         qe_gate_z: float = 0.0,
-        cs_sr_box: str = "class",
+        cs_sr_box: str = "auto",
         cs_sr_classifier: str = "model",
         cs_sr_temperature: float = 30.0,
         cs_sr_background: float = 0.5,
@@ -140,7 +141,7 @@ class IndexSearcher:
             ("query_region", query_region, ("crop", "rpa")),
             ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
             ("filter_backend", filter_backend, ("numpy", "faiss")),
-            ("cs_sr_box", cs_sr_box, ("class", "region")),
+            ("cs_sr_box", cs_sr_box, ("auto", "class", "region")),
             ("cs_sr_classifier", cs_sr_classifier, ("model", "queries")),
         ]:
             if value not in allowed:
@@ -168,6 +169,8 @@ class IndexSearcher:
             raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
         self.box_vote_delta = float(box_vote_delta)
         self.qe_gate_z = float(qe_gate_z)
+        if cs_sr_box == "auto":
+            cs_sr_box = "region" if cs_sr_classifier == "queries" else "class"
         self.cs_sr_box = cs_sr_box
         self.cs_sr_classifier = cs_sr_classifier
         self.cs_sr_temperature = float(cs_sr_temperature)
