@@ -234,10 +234,23 @@ def add_retrieval_config(cfg):
     # CA-SR mAP points on SMVS validation (one relevant photo per query, M = 5), the gate 0.03.
     _C.RETRIEVAL.QE_GATE_Z = 4.0
     # Box that locates the object for the CS-SR stages (ranking unchanged): "class" (the paper:
-    # the proposal with the highest probability of the query's class, class-regressed if stored)
-    # or "region" (the image's CA-SR located box: the proposals most similar to the query region,
-    # voted with BOX_VOTE_DELTA). Fine-tuned ft2 on SMVS validation: IoU 0.32 -> 0.62.
-    _C.RETRIEVAL.CS_SR_BOX = "class"
+    # the proposal with the highest probability of the query's class, class-regressed if stored),
+    # "region" (the image's CA-SR located box: the proposals most similar to the query region,
+    # voted with BOX_VOTE_DELTA) or "auto": "class" with CS_SR_CLASSIFIER "model", "region" with
+    # "queries" (no class-regressed boxes; its most probable proposal is often a part of the
+    # object: SMVS validation IoU 0.23 vs 0.51 off the shelf). Fine-tuned ft2 on SMVS
+    # validation with the model's scores: IoU 0.32 -> 0.62 with "region".
+    _C.RETRIEVAL.CS_SR_BOX = "auto"
+    # Where CS-SR reads each proposal's class probabilities: "model" (the paper: the stored class
+    # scores of a box head fine-tuned on the query objects) or "queries": a softmax over the
+    # proposal's cosines to the query objects' region vectors (each object's queries averaged)
+    # at CS_SR_TEMPERATURE, with a background logit at the cosine CS_SR_BACKGROUND
+    # (retrieval/query_classes.py). "queries" needs no training and works with any model: a
+    # proposal scores high only when it matches the query object better than every other query
+    # object. The whole query set is the class set, so it suits a known catalogue of objects.
+    _C.RETRIEVAL.CS_SR_CLASSIFIER = "queries"
+    _C.RETRIEVAL.CS_SR_TEMPERATURE = 30.0
+    _C.RETRIEVAL.CS_SR_BACKGROUND = 0.5
 
     # ---------------------------------------------------------------- search at scale
     # Filtering back-end: "faiss" (faiss-cpu / faiss GPU where installed) or "numpy" (ranking.py).

@@ -23,12 +23,17 @@ from detectron2.config import get_cfg
 
 from ..config import add_retrieval_config, check_device
 from ..data.boxes import validate_box
-from ..data.datasets.catalog import get_dataset_dicts, register_config_datasets
+from ..data.datasets.catalog import (
+    get_dataset_dicts,
+    get_retrieval_metadata,
+    register_config_datasets,
+)
 from ..data.mapper import read_image
 from .extractor import FeatureExtractor
 from .indexing import open_index
 from .learned import load_or_learn_whitening
 from .paths import index_paths
+from .queries import extract_queries
 from .search import IndexSearcher
 
 __all__ = ["SearchHit", "InstanceSearch"]
@@ -83,6 +88,12 @@ class InstanceSearch:
             cfg=cfg,
         )
         self.searcher = IndexSearcher(cfg, self.index, whitening)
+        if (
+            self.searcher.cs_sr_classifier == "queries"
+        ):  # the dataset's query objects are the classes
+            queries = extract_queries(self.extractor, dataset, cache_dir=paths.cache_dir)
+            classes = get_retrieval_metadata(dataset).thing_classes
+            self.searcher.set_query_classes(queries, len(classes))
         files = {d["image_id"]: d["file_name"] for d in get_dataset_dicts(f"{dataset}_db")}
         self.file_names = [files.get(i, "") for i in self.index.image_ids]
         # the model is one torch module: forward passes from several threads are serialised

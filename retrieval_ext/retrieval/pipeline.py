@@ -263,5 +263,7 @@ def search_dataset(
         queries = extract_queries(extractor, dataset, cache_dir=paths.cache_dir)
     searcher = IndexSearcher(cfg, index, whitening)
     meta = get_retrieval_metadata(dataset)
+    if searcher.cs_sr_classifier == "queries":
+        searcher.set_query_classes(queries, len(meta.thing_classes))
     stages = available_stages(searcher, cfg.RETRIEVAL.STAGES, len(meta.thing_classes))
     return SearchRun(index, queries, search_all(searcher, queries, stages), meta)

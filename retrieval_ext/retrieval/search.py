@@ -27,6 +27,7 @@ from .compression import RegionCompression, load_region_compression
 from .contents import IndexContents, MissingFieldError, class_accessors
 from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
+from .query_classes import QueryClassifier, class_prototypes
 from .query_expansion import (
     average_query_expansion,
     block_region_vectors,
@@ -99,8 +100,16 @@ class IndexSearcher:
         cs_sr_box: the box CS-SR (and CS-SR + QE) locate the object with in each reranked image:
             "class" (the paper): the proposal with the highest probability of the query's class
             (its class-regressed box when stored); "region": the image's CA-SR located box (the
-            proposals most similar to the query region, voted with ``box_vote_delta``). The
-            ranking is the same.
+            proposals most similar to the query region, voted with ``box_vote_delta``); "auto":
+            "class" with the model's class scores, "region" with the query-set classifier (it
+            has no class-regressed boxes). The ranking is the same.
+        cs_sr_classifier: where CS-SR reads each proposal's class probabilities: "model" (the
+            paper): the class scores the index stores (a box head fine-tuned on the query
+            objects); "queries": a softmax over the proposal's cosines to the query objects'
+            region vectors (:mod:`~retrieval_ext.retrieval.query_classes`; no training, any
+            model; the classes are set by :meth:`set_query_classes`).
+        cs_sr_temperature, cs_sr_background: the "queries" classifier's scale and background
+            logit (a cosine).
     """
 
     @configurable
@@ -121,7 +130,10 @@ class IndexSearcher:
         region_compression="auto",
         box_vote_delta: float = 0.0,
         qe_gate_z: float = 0.0,
-        cs_sr_box: str = "class",
+        cs_sr_box: str = "auto",
+        cs_sr_classifier: str = "model",
+        cs_sr_temperature: float = 30.0,
+        cs_sr_background: float = 0.5,
     ):
         for name, value, allowed in [
             ("filter_pooling", filter_pooling, ("sum", "max")),
@@ -129,13 +141,20 @@ class IndexSearcher:
             ("query_region", query_region, ("crop", "rpa")),
             ("qe_rerank_mode", qe_rerank_mode, ("region", "global")),
             ("filter_backend", filter_backend, ("numpy", "faiss")),
-            ("cs_sr_box", cs_sr_box, ("class", "region")),
+            ("cs_sr_box", cs_sr_box, ("auto", "class", "region")),
+            ("cs_sr_classifier", cs_sr_classifier, ("model", "queries")),
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         for name, value in [("box_vote_delta", box_vote_delta), ("qe_gate_z", qe_gate_z)]:
             if not (value >= 0 and np.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not (cs_sr_temperature > 0 and np.isfinite(cs_sr_temperature)):
+            raise ValueError(
+                f"cs_sr_temperature must be a finite number > 0, got {cs_sr_temperature}"
+            )
+        if not np.isfinite(cs_sr_background):
+            raise ValueError(f"cs_sr_background must be finite, got {cs_sr_background}")
         self.index = index
         self.whitening = whitening
         self.filter_pooling = filter_pooling
@@ -150,7 +169,13 @@ class IndexSearcher:
             raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
         self.box_vote_delta = float(box_vote_delta)
         self.qe_gate_z = float(qe_gate_z)
+        if cs_sr_box == "auto":
+            cs_sr_box = "region" if cs_sr_classifier == "queries" else "class"
         self.cs_sr_box = cs_sr_box
+        self.cs_sr_classifier = cs_sr_classifier
+        self.cs_sr_temperature = float(cs_sr_temperature)
+        self.cs_sr_background = float(cs_sr_background)
+        self._query_classifier: Optional[QueryClassifier] = None
         self.db = normalize_descriptors(
             index.image_vectors(f"ipa_{filter_pooling}"), filter_pooling, whitening
         )
@@ -184,7 +209,7 @@ class IndexSearcher:
     def from_config(cls, cfg, index, whitening: Optional[PCAWhitening] = None):
         """The arguments of a searcher of ``index`` with the stage settings of ``cfg.RETRIEVAL``
         (``FILTER_*``, ``RERANK_POOLING``, ``QUERY_REGION``, ``TOP_N``, ``QE_*``, ``FAISS_*``,
-        ``BOX_VOTE_DELTA``, ``CS_SR_BOX``)."""
+        ``BOX_VOTE_DELTA``, ``CS_SR_*``)."""
         r = cfg.RETRIEVAL
         return {
             "index": index,
@@ -208,12 +233,17 @@ class IndexSearcher:
             "box_vote_delta": r.BOX_VOTE_DELTA,
             "qe_gate_z": r.QE_GATE_Z,
             "cs_sr_box": r.CS_SR_BOX,
+            "cs_sr_classifier": r.CS_SR_CLASSIFIER,
+            "cs_sr_temperature": r.CS_SR_TEMPERATURE,
+            "cs_sr_background": r.CS_SR_BACKGROUND,
         }
 
     def unsupported(self, stage: str) -> Optional[str]:
         """Why ``stage`` cannot run on this index (the field it lacks and the key to set), or
         None when it can."""
         for s in stage_chain(stage):
+            if s in CS_STAGES and self.cs_sr_classifier == "queries":
+                s = "ca_sr"  # the query-set classifier scores the stored region vectors
             problem = self.contents.missing(s, self.filter_pooling, self.rerank_pooling)
             if problem:
                 return problem
@@ -227,7 +257,11 @@ class IndexSearcher:
     @property
     def num_classes(self) -> Optional[int]:
         """Object classes of the stored class scores (without background); None if the index
-        stores none (or, for an index without recorded contents, has no proposal)."""
+        stores none (or, for an index without recorded contents, has no proposal). With the
+        "queries" classifier: the classes :meth:`set_query_classes` set (None before)."""
+        if self.cs_sr_classifier == "queries":
+            q = self._query_classifier
+            return None if q is None else q.num_classes
         if self._scores is None:
             return None
         if self.contents.num_classes:
@@ -240,6 +274,20 @@ class IndexSearcher:
                         self._num_classes = int(s.shape[1]) - 1
                         break
         return self._num_classes
+
+    def set_query_classes(self, queries: Sequence[dict], num_classes: int) -> None:
+        """The classes of the "queries" CS-SR classifier: class ``c``'s weight is the mean region
+        vector of the queries whose ``category_id`` is ``c`` (every class needs one)."""
+        vectors = [self.query_region_vector(q) for q in queries]
+        weights = class_prototypes(vectors, [q["category_id"] for q in queries], int(num_classes))
+        comp = self.region_compression
+        self._query_classifier = QueryClassifier(
+            weights,
+            self.cs_sr_temperature,
+            self.cs_sr_background,
+            self._rpa,
+            comp.decode if comp is not None and comp.pq is not None else None,
+        )
 
     def query_vector(self, query: dict) -> np.ndarray:
         """The query's normalised (and whitened) filtering vector, (D,)."""
@@ -342,8 +390,12 @@ class IndexSearcher:
         return block_region_vectors(ca, images, self._rpa, decode)
 
     def _cs(self, q: "_Query", order, scores, n):
-        boxes = self._class_boxes if self._class_boxes is not None else self._boxes
-        r = class_specific_rerank(int(q.class_id), order, scores, self._scores, boxes, n)
+        if self.cs_sr_classifier == "queries":
+            class_scores, boxes = self._query_classifier.scores, self._boxes
+        else:
+            class_scores = self._scores
+            boxes = self._class_boxes if self._class_boxes is not None else self._boxes
+        r = class_specific_rerank(int(q.class_id), order, scores, class_scores, boxes, n)
         if self.cs_sr_box == "region" and r.top_n:
             r = self._located_by_region(q, r)
         return r

@@ -31,6 +31,7 @@ from tests.common import REPO_ROOT, ca_sr_per_image, save_checkpoint, tiny_cfg, 
 
 NAME = "old_format"
 OPTS = ["MODEL.PROPOSAL_GENERATOR.NAME", "DenseRegionProposals", "RETRIEVAL.DATASET", NAME]
+OPTS += ["RETRIEVAL.CS_SR_CLASSIFIER", "model"]  # CS-SR reads the stored class scores
 
 
 def _full_model_hash(model):

@@ -67,6 +67,10 @@ def ui_index(tmp_path_factory):
         "50",
         "OUTPUT_DIR",
         str(tmp / "out"),
+        # CS-SR from stored class scores, which this model does not have: the UI offers the
+        # class-agnostic stages only (tests/serving/test_api.py checks the query-set classifier)
+        "RETRIEVAL.CS_SR_CLASSIFIER",
+        "model",
     ]
     torch.manual_seed(0)
     model = build_model(make_cfg(config_file, opts + ["MODEL.WEIGHTS", ""]))

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps
 
 import retrieval_ext
 from retrieval_ext import InstanceSearch
+from retrieval_ext.data.datasets.catalog import get_dataset_dicts
 from retrieval_ext.serving.app import create_app
 from retrieval_ext.serving.service import SearchService
 from tests.common import make_cfg, save_checkpoint, written_out_ap
@@ -54,6 +55,20 @@ def small_client(engine):
     )
     with TestClient(create_app(service)) as c:
         yield c
+
+
+def test_the_query_set_classifier_gives_the_api_cs_sr(ui_index):
+    """With RETRIEVAL.CS_SR_CLASSIFIER "queries" the dataset's query objects are the classes:
+    an off-the-shelf index offers CS-SR, and a query of object c ranks by the probability of c."""
+    opts = ui_index.opts + ["RETRIEVAL.CS_SR_CLASSIFIER", "queries"]
+    engine = InstanceSearch(make_cfg(ui_index.config_file, opts))
+    assert engine.searcher.num_classes == 3  # the benchmark's 3 objects
+    q = get_dataset_dicts(f"{ui_index.cfg.RETRIEVAL.DATASET}_query")[0]
+    record = engine.query_record(q["file_name"], q["query_box"])
+    hits = engine.search_record(record, "cs_sr", top_k=6, class_id=q["category_id"])
+    scores = [h.score for h in hits]
+    assert len(scores) == 6 and all(0 <= s <= 1 for s in scores)
+    assert scores == sorted(scores, reverse=True)
 
 
 def test_the_python_api_loads_the_whitening_learned_beside_its_index(engine, ui_index):

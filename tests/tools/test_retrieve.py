@@ -273,12 +273,8 @@ def test_global_qe_rpa_query_and_sum_pooling_equal_brute_force(run):
 def test_reported_map_matches_ground_truth(run):
     out = run["out"]
     results = load_strict_json(out / "retrieval_results.json")
-    assert set(results) == {
-        "filtering",
-        "filtering_qe",
-        "ca_sr",
-        "ca_sr_qe",
-    }  # no CS-SR off-the-shelf
+    # every stage off the shelf: CS-SR's classes are the query objects (RETRIEVAL.CS_SR_CLASSIFIER)
+    assert set(results) == {"filtering", "filtering_qe", "ca_sr", "ca_sr_qe", "cs_sr", "cs_sr_qe"}
     rel = json.loads((run["tmp"] / "synthetic" / "relevance.json").read_text())
     queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
     rk = np.load(out / "rankings.npz")
@@ -291,7 +287,7 @@ def test_reported_map_matches_ground_truth(run):
             aps.append(written_out_ap(list(rk[f"{stage}/image_ids"][qi]), pos, junk))
         assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-9), stage
         assert metrics["queries_without_positives"] == 0
-        if stage.startswith("ca_sr"):
+        if "sr" in stage:
             # the true positives in the top 10 (LOC_TOP_K), each scored by its located box's
             # best IoU with the object's boxes in that image
             ious = []
@@ -320,13 +316,13 @@ def test_gallery_captions_count_the_relevant_results(run):
     out = run["out"]
     rel = json.loads((run["tmp"] / "synthetic" / "relevance.json").read_text())
     queries = json.loads((run["tmp"] / "synthetic" / "queries.json").read_text())
-    top = np.load(out / "rankings.npz")["ca_sr_qe/image_ids"][:, :3]
+    top = np.load(out / "rankings.npz")["cs_sr_qe/image_ids"][:, :3]
     html = (out / "visualization" / "index.html").read_text()
     expected = []
     for qi, qd in enumerate(queries):
         pos = {os.path.splitext(p)[0] for p in rel[qd["object"]]["positives"]}
-        expected.append(f"{sum(i in pos for i in top[qi])}/3 relevant (ca_sr_qe)")
-    assert re.findall(r"<p>(\d+/3 relevant \(ca_sr_qe\))</p>", html) == expected
+        expected.append(f"{sum(i in pos for i in top[qi])}/3 relevant (cs_sr_qe)")
+    assert re.findall(r"<p>(\d+/3 relevant \(cs_sr_qe\))</p>", html) == expected
 
 
 def test_index_is_reused_and_mismatching_model_is_refused(run):
