@@ -14,8 +14,7 @@ from retrieval_ext.data.box_annotation import (
     summarise,
 )
 from retrieval_ext.data.reference_boxes import MatchParams, detect_and_describe
-
-from .synthetic_planar import KNOWN_H, textured, warp_into
+from tests.common import KNOWN_H, textured, warp_into
 
 
 @pytest.fixture(scope="module")

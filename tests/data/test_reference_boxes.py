@@ -18,8 +18,7 @@ from retrieval_ext.data.reference_boxes import (
     trim_uniform_border,
     visible_area,
 )
-
-from .synthetic_planar import KNOWN_H, projected_box, textured, warp_into
+from tests.common import KNOWN_H, projected_box, textured, warp_into
 
 REF_H, REF_W = 120, 90
 PHOTO_H, PHOTO_W = 240, 320

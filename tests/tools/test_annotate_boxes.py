@@ -17,8 +17,7 @@ from retrieval_ext.data.datasets.custom import load_custom
 from retrieval_ext.data.mapper import UnreadableImageError
 from retrieval_ext.evaluation.evaluator import evaluate_stages
 from retrieval_ext.retrieval.stages import StageResult
-from tests.common import REPO_ROOT, load_tool
-from tests.data.synthetic_planar import KNOWN_H, projected_box, textured, warp_into
+from tests.common import KNOWN_H, REPO_ROOT, load_tool, projected_box, textured, warp_into
 
 REF_W, REF_H = 90, 120
 PAD_X, PAD_Y = 20, 15  # white paper around the reference in the query image
