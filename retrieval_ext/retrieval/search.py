@@ -280,13 +280,8 @@ class IndexSearcher:
         vector of the queries whose ``category_id`` is ``c`` (every class needs one)."""
         vectors = [self.query_region_vector(q) for q in queries]
         weights = class_prototypes(vectors, [q["category_id"] for q in queries], int(num_classes))
-        comp = self.region_compression
         self._query_classifier = QueryClassifier(
-            weights,
-            self.cs_sr_temperature,
-            self.cs_sr_background,
-            self._rpa,
-            comp.decode if comp is not None and comp.pq is not None else None,
+            weights, self.cs_sr_temperature, self.cs_sr_background, self._rpa, self._decode_rows
         )
 
     def query_vector(self, query: dict) -> np.ndarray:
@@ -385,9 +380,13 @@ class IndexSearcher:
         """L2-normalised stored region vectors of the located proposals of ``images`` (database
         indices of the CA-SR block, region QE); product-quantised codes are decoded, those rows
         only."""
+        return block_region_vectors(ca, images, self._rpa, self._decode_rows)
+
+    @property
+    def _decode_rows(self):
+        """Stored region rows -> float vectors of the query's space (None: the rows are)."""
         comp = self.region_compression
-        decode = comp.decode if comp is not None and comp.pq is not None else None
-        return block_region_vectors(ca, images, self._rpa, decode)
+        return comp.decode if comp is not None else None
 
     def _cs(self, q: "_Query", order, scores, n):
         if self.cs_sr_classifier == "queries":
