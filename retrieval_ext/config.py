@@ -300,8 +300,9 @@ def add_retrieval_config(cfg):
     # Region vectors (RPA) stored, among "sum", "max"; [] = RERANK_POOLING.
     _C.RETRIEVAL.STORE.REGION_POOLINGS = []
     # Per-proposal class probabilities (+ class boxes when STORE_CLASS_BOXES), read by CS-SR only:
-    # "auto" = for a model whose classes are the query objects (MODEL.FINETUNE.DATASET set, or
-    # ROI_HEADS.NUM_CLASSES equal to the number of query objects of DATASET), "yes", "no".
+    # "auto" = when CS-SR reads them (CS_SR_CLASSIFIER "model") from a model whose classes are the
+    # query objects (MODEL.FINETUNE.DATASET set, or ROI_HEADS.NUM_CLASSES equal to the number of
+    # query objects of DATASET), "yes", "no".
     # Without them indexing skips the box head (backbone, proposals, RoI pooling, RPA only).
     _C.RETRIEVAL.STORE.CLASS_OUTPUTS = "auto"
     # With class outputs: keep only the k most probable object classes of each proposal (their

@@ -226,13 +226,17 @@ def class_accessors(index, contents: IndexContents):
     return dense_scores, dense_boxes if boxes is not None else None
 
 
-def class_outputs_wanted(setting: str, finetune_dataset: str, num_classes: int, query_classes):
+def class_outputs_wanted(
+    setting: str, finetune_dataset: str, num_classes: int, query_classes, classifier: str = "model"
+):
     """Whether an index stores class outputs under ``RETRIEVAL.STORE.CLASS_OUTPUTS``.
 
     Args:
-        setting: "yes", "no" or "auto": a model whose classes are the query objects, i.e. a
-            fine-tuning config (``finetune_dataset`` set) or ``num_classes`` equal to the number
-            of query objects (``query_classes``; None when the dataset is not known).
+        setting: "yes", "no" or "auto": CS-SR reads the model's class scores (``classifier``
+            "model", ``RETRIEVAL.CS_SR_CLASSIFIER``; the "queries" classifier scores the stored
+            region vectors) and the model's classes are the query objects, i.e. a fine-tuning
+            config (``finetune_dataset`` set) or ``num_classes`` equal to the number of query
+            objects (``query_classes``; None when the dataset is not known).
     """
     if setting not in _CLASS_OUTPUTS:
         raise ValueError(
@@ -240,6 +244,8 @@ def class_outputs_wanted(setting: str, finetune_dataset: str, num_classes: int, 
         )
     if setting != "auto":
         return setting == "yes"
+    if classifier != "model":
+        return False
     return bool(finetune_dataset) or (query_classes is not None and num_classes == query_classes)
 
 
@@ -255,7 +261,11 @@ def contents_from_config(cfg) -> IndexContents:
     )
     num_classes = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
     class_outputs = class_outputs_wanted(
-        store.CLASS_OUTPUTS, cfg.MODEL.FINETUNE.DATASET, num_classes, _query_classes(r.DATASET)
+        store.CLASS_OUTPUTS,
+        cfg.MODEL.FINETUNE.DATASET,
+        num_classes,
+        _query_classes(r.DATASET),
+        r.CS_SR_CLASSIFIER,
     )
     return IndexContents(
         ipa_poolings=ipa,

@@ -30,13 +30,16 @@ CASES = [
         ["ipa_sum", "height", "width", "boxes", "objectness", "rpa_sum", "rpa_max"],
     ),
     (
-        ["MODEL.FINETUNE.DATASET", "toy"],
+        ["MODEL.FINETUNE.DATASET", "toy", "RETRIEVAL.CS_SR_CLASSIFIER", "model"],
         ["ipa_sum", "height", "width", "boxes", "rpa_max", "scores", "class_boxes"],
     ),
     (
-        ["MODEL.FINETUNE.DATASET", "toy", "RETRIEVAL.STORE_CLASS_BOXES", "False"],
+        ["MODEL.FINETUNE.DATASET", "toy", "RETRIEVAL.CS_SR_CLASSIFIER", "model"]
+        + ["RETRIEVAL.STORE_CLASS_BOXES", "False"],
         ["ipa_sum", "height", "width", "boxes", "rpa_max", "scores"],
     ),
+    # the query-set classifier (the default) scores the region vectors: no class outputs
+    (["MODEL.FINETUNE.DATASET", "toy"], ["ipa_sum", "height", "width", "boxes", "rpa_max"]),
     (
         ["RETRIEVAL.STORE.CLASS_OUTPUTS", "yes", "RETRIEVAL.STORE.CLASS_TOP_K", "3"],
         ["ipa_sum", "height", "width", "boxes", "rpa_max", "class_ids", "scores", "class_boxes"],
@@ -68,6 +71,8 @@ def test_auto_class_outputs_follow_the_query_objects():
     # a fine-tuning config, or as many classes as query objects; unknown dataset: no
     assert class_outputs_wanted("auto", "toy", 80, None)
     assert class_outputs_wanted("auto", "", 11, 11)
+    assert not class_outputs_wanted("auto", "toy", 11, 11, classifier="queries")
+    assert class_outputs_wanted("yes", "", 80, None, classifier="queries")
     assert not class_outputs_wanted("auto", "", 80, 11)
     assert not class_outputs_wanted("auto", "", 11, None)
     assert class_outputs_wanted("yes", "", 80, 11) and not class_outputs_wanted("no", "x", 11, 11)
