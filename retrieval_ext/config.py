@@ -232,7 +232,7 @@ def add_retrieval_config(cfg):
     # MAD) of at least this value (retrieval/query_expansion.py outlier_gate); nothing passes =
     # the unexpanded ranking. 0 = plain average QE of the top M (the paper). Plain QE loses 45
     # CA-SR mAP points on SMVS validation (one relevant photo per query, M = 5), the gate 0.03.
-    _C.RETRIEVAL.QE_GATE_Z = 4.0
+    _C.RETRIEVAL.QE_GATE_Z = 7.0
     # Box that locates the object for the CS-SR stages (ranking unchanged): "class" (the paper:
     # the proposal with the highest probability of the query's class, class-regressed if stored),
     # "region" (the image's CA-SR located box: the proposals most similar to the query region,
@@ -282,11 +282,26 @@ def add_retrieval_config(cfg):
     # "" (uncompressed, INDEX_DTYPE). A collection too small to learn a quantiser on
     # (REGION_PQ.MIN_VECTORS) stores int8.
     _C.RETRIEVAL.REGION_DTYPE = "pq"
-    # With RERANK_POOLING sum and a WHITENING_DATASET: sum-pooled region vectors (stored and the
-    # query's) are PCA-whitened as IPA-sum is (L2 -> whiten -> L2, the paper), the whitening
-    # learned on the whitening dataset's rpa_sum vectors; False = L2 only. Chosen on validation
-    # (synthetic seed 1 / SMVS droid): CA-SR +1.6 / +5.4 mAP points over L2 only.
-    _C.RETRIEVAL.WHITEN_SUM_REGIONS = True
+    # Region whitening: the region vectors searched (RERANK_POOLING; the stored ones and the
+    # query's) are PCA-whitened, L2 -> whiten -> L2, before they are stored (int8 / PQ codes of
+    # the whitened vectors). SOURCE: "collection" = learned without labels on a sample of the
+    # collection being indexed (REGION_PQ.SAMPLE_IMAGES images, the sample its quantiser is
+    # learned on, as faiss users learn theirs); "whitening_dataset" = on WHITENING_DATASET's
+    # region vectors (another dataset, as the paper learns the IPA whitening); "" = L2 only (the
+    # paper). Chosen on validation (SMVS droid photos, off the shelf): CA-SR 66.8 -> 82.3 mAP.
+    _C.RETRIEVAL.REGION_WHITENING = CN()
+    _C.RETRIEVAL.REGION_WHITENING.SOURCE = "collection"
+    # Output dimensions (0 = all; at most the vector dimension) and the eigenvalue floor, relative
+    # to the largest eigenvalue, that keeps the whitening from amplifying the noisy directions.
+    _C.RETRIEVAL.REGION_WHITENING.DIM = 512
+    _C.RETRIEVAL.REGION_WHITENING.EPS = 0.03
+    # Fewest region vectors it is learned on; a collection that cannot give them is not whitened
+    # (a warning says so).
+    _C.RETRIEVAL.REGION_WHITENING.MIN_VECTORS = 5000
+    # Saved configs of earlier versions load: their sum-pooled region whitening is now
+    # REGION_WHITENING.SOURCE "whitening_dataset".
+    if "RETRIEVAL.WHITEN_SUM_REGIONS" not in _C.__dict__[CN.DEPRECATED_KEYS]:
+        _C.register_deprecated_key("RETRIEVAL.WHITEN_SUM_REGIONS")
 
     # ---------------------------------------------------------------- what the index stores
     # An index holds the fields its stages read (retrieval/contents.py) and records them in its

@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import logging
 import shutil
 import sys
+from dataclasses import replace
 
 from detectron2.engine import default_argument_parser
 
@@ -29,6 +30,7 @@ from retrieval_ext.retrieval.extractor import FeatureExtractor  # noqa: E402
 from retrieval_ext.retrieval.index_convert import (  # noqa: E402
     convert_index,
     learn_compression_from_index,
+    region_vectors_sample,
 )
 from retrieval_ext.retrieval.index_store import IndexReader  # noqa: E402
 from retrieval_ext.retrieval.index_weights import (  # noqa: E402
@@ -37,6 +39,7 @@ from retrieval_ext.retrieval.index_weights import (  # noqa: E402
     weights_record,
 )
 from retrieval_ext.retrieval.indexing import check_index_model, index_manifest  # noqa: E402
+from retrieval_ext.retrieval.normalization import learn_region_whitening  # noqa: E402
 from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
 from retrieval_ext.retrieval.pipeline import region_compression, region_whitening  # noqa: E402
 
@@ -53,14 +56,33 @@ def get_parser():
     return parser
 
 
+def _whitening(cfg, extractor, source, dataset, work_dir):
+    """The config's region whitening; one learned on the collection itself is learned on a
+    sample of the source index's stored region vectors (no network pass)."""
+    w = cfg.RETRIEVAL.REGION_WHITENING
+    if w.SOURCE != "collection":
+        return region_whitening(cfg, extractor, dataset, work_dir)
+    field = f"rpa_{cfg.RETRIEVAL.RERANK_POOLING}"
+    vecs = region_vectors_sample(source, [field], cfg.RETRIEVAL.REGION_PQ.SAMPLE_IMAGES)
+    if len(vecs) < max(w.MIN_VECTORS, 2):
+        logger.warning(
+            f"{len(vecs)} {field} vectors of {source.root} are too few to learn the region "
+            f"whitening on (RETRIEVAL.REGION_WHITENING.MIN_VECTORS {w.MIN_VECTORS}): not whitened"
+        )
+        return None
+    return learn_region_whitening(vecs, w.DIM, w.EPS)
+
+
 def _compression(cfg, extractor, source, dataset, work_dir):
-    """The config's region compression; a product quantiser of the collection itself is learned
-    on the source index's stored vectors (no network pass)."""
+    """The config's region compression; a product quantiser (and a whitening) of the collection
+    itself is learned on the source index's stored vectors (no network pass)."""
     r = cfg.RETRIEVAL
+    if r.REGION_WHITENING.SOURCE and r.REGION_PCA_DIM:
+        return region_compression(cfg, extractor, dataset, work_dir)  # refuses the pair
+    whitening = _whitening(cfg, extractor, source, dataset, work_dir)
     if (r.REGION_DTYPE or "") == "pq" and not r.REGION_PQ.DATASET and not r.REGION_PCA_DIM:
         fields = [f"rpa_{p}" for p in extractor.contents.region_poolings]
-        whitening = region_whitening(cfg, extractor, dataset, work_dir)
-        return learn_compression_from_index(
+        learned = learn_compression_from_index(
             source,
             fields,
             "pq",
@@ -68,9 +90,9 @@ def _compression(cfg, extractor, source, dataset, work_dir):
             r.REGION_PQ.M,
             r.REGION_PQ.OPQ,
             r.REGION_PQ.SAMPLE_IMAGES,
-            projection=(whitening.mean, whitening.projection) if whitening is not None else None,
         )
-    return region_compression(cfg, extractor, dataset, work_dir)
+        return replace(learned, whitening=whitening)
+    return region_compression(cfg, extractor, dataset, work_dir, whitening)
 
 
 def convert(cfg, index_dir: str = "", output: str = "") -> str:

@@ -11,6 +11,13 @@ Region vectors (RPA, K proposals x C floats per image) are most of an index's by
   codes (``"pq"``: M bytes per vector, :mod:`.product_quantization`), which CA-SR scores from the
   codes by asymmetric distance (:meth:`RegionCompression.similarity`).
 
+With a region ``whitening`` (:class:`~.normalization.PCAWhitening` of the L2-normalised vectors,
+``RETRIEVAL.REGION_WHITENING``) the vectors are stored as they are and each proposal also stores
+the norm of its whitened vector (``<field>_wnorm``, float16): CA-SR then ranks by the cosine of
+the whitened vectors, computed from the stored rows with a transformed query
+(:meth:`RegionCompression.rank_query`, :func:`~.normalization.whitened_cosines`), while the
+plain cosine still locates the object.
+
 Spatial reranking only needs cosine similarities, which do not change when a vector is scaled, so
 stored vectors need no per-vector scale: the reranker L2-normalises what it reads. The query's
 region vector goes through the same projection (:meth:`RegionCompression.project_query`).
@@ -28,6 +35,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from .index_store import FieldSpec, IndexSchema
+from .normalization import PCAWhitening
 from .product_quantization import RegionPQ, learn_region_pq
 
 __all__ = [
@@ -37,11 +45,14 @@ __all__ = [
     "learn_region_pca",
     "quantize_int8",
     "load_region_compression",
+    "WNORM_SUFFIX",
 ]
 
 REGION_DTYPES = ("float32", "float16", "int8", "pq")
 # Saved beside manifest.json; a searcher finding it projects query region vectors with it.
 COMPRESSION_FILE = "region_compression.npz"
+# Name suffix of the per-proposal norms of the whitened region vectors (float16).
+WNORM_SUFFIX = "_wnorm"
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -104,6 +115,8 @@ class RegionCompression:
         mean: float32 (C,) PCA mean (of L2-normalised vectors), or None.
         components: float32 (pca_dim, C) PCA rows, or None.
         pq: the product quantiser of ``dtype`` "pq" (learned on the transformed vectors).
+        whitening: the region whitening CA-SR ranks with (vectors stored unwhitened, with the
+            norms of their whitened vectors); None = rank by the plain cosine.
     """
 
     num_proposals: int = 0
@@ -113,6 +126,7 @@ class RegionCompression:
     mean: Optional[np.ndarray] = field(default=None, repr=False)
     components: Optional[np.ndarray] = field(default=None, repr=False)
     pq: Optional[RegionPQ] = field(default=None, repr=False)
+    whitening: Optional[PCAWhitening] = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.dtype not in REGION_DTYPES:
@@ -127,6 +141,8 @@ class RegionCompression:
             )
         if (self.dtype == "pq") != (self.pq is not None):
             raise ValueError("dtype 'pq' needs a learned product quantiser, and only it")
+        if self.whitening is not None and self.pca_dim:
+            raise ValueError("a region whitening and a region PCA cannot be combined")
         self.fields = tuple(self.fields)
 
     @property
@@ -144,18 +160,12 @@ class RegionCompression:
         pq_m: int = 0,
         opq: bool = False,
         trained_on: str = "",
-        projection=None,
         **kw,
     ) -> "RegionCompression":
         """A compression whose PCA (if ``pca_dim``) and product quantiser (``dtype`` "pq", of
-        ``pq_m`` bytes, with an OPQ rotation if ``opq``) are learned on ``vectors`` (M, C).
-        ``projection``: a given (mean, components) pair (e.g. a PCA whitening learned
-        elsewhere) used instead of learning a PCA; the quantiser is learned on its output."""
+        ``pq_m`` bytes, with an OPQ rotation if ``opq``) are learned on ``vectors`` (M, C)."""
         mean = comps = pq = None
-        if projection is not None:
-            mean, comps = (np.asarray(a, dtype=np.float32) for a in projection)
-            pca_dim = comps.shape[0]
-        elif pca_dim:
+        if pca_dim:
             mean, comps = learn_region_pca(vectors, pca_dim)
         if dtype == "pq":
             plain = cls(num_proposals, pca_dim, "float32", mean=mean, components=comps)
@@ -178,6 +188,8 @@ class RegionCompression:
             d["pca_hash"] = h
         if self.pq is not None:
             d["pq"] = self.pq.describe()
+        if self.whitening is not None:
+            d["whitening"] = {"dim": self.whitening.out_dim, "hash": self.whitening.fingerprint}
         return d
 
     # -- vectors ---------------------------------------------------------------------------
@@ -224,6 +236,28 @@ class RegionCompression:
         stored vectors) otherwise."""
         return self.pq.cosines if self.pq is not None else None
 
+    def rank_query(self, q: np.ndarray):
+        """How CA-SR ranks with the whitening: ``(direction, scale, offset)`` for
+        :func:`~.normalization.whitened_cosines`, ``direction`` (D,) a unit vector of the stored
+        rows' space scored like a query. ``q``: a query region vector of that space (from
+        :meth:`project_query`, or an expanded query of region QE). None without a whitening."""
+        if self.whitening is None:
+            return None
+        q = np.asarray(q, dtype=np.float32).reshape(-1)
+        if self.pq is not None and self.pq.rotation is not None:
+            q = q @ self.pq.rotation.astype(np.float32)  # back to the unrotated space
+        w = _l2(self.whitening.transform(_l2(q)))
+        d = w @ self.whitening.projection
+        scale = float(np.linalg.norm(d))
+        offset = float(self.whitening.mean @ d)
+        direction = d / max(scale, 1e-12)
+        return (self.pq.rotate(direction) if self.pq is not None else direction), scale, offset
+
+    def whitened_norms(self, vectors: np.ndarray) -> np.ndarray:
+        """``|P (x - m)|`` of the L2-normalised (K, C) region vectors: float16 (K,)."""
+        x = _l2(np.asarray(vectors).reshape(-1, np.asarray(vectors).shape[-1]))
+        return np.linalg.norm(self.whitening.transform(x), axis=1).astype(np.float16)
+
     def keep(self, objectness: np.ndarray) -> np.ndarray:
         """Indices of the kept proposals: the ``num_proposals`` of highest objectness (ties: the
         earlier one), in their stored order. int64 (K',)."""
@@ -257,6 +291,8 @@ class RegionCompression:
             if spec.scope == "proposal":
                 v = v[keep]
                 if spec.name in self.fields:
+                    if self.whitening is not None:
+                        out[spec.name + WNORM_SUFFIX] = self.whitened_norms(v)
                     empty = np.zeros((0, self.dim(v)), self.storage_dtype)
                     v = self.encode(v) if v.shape[0] else empty
             out[spec.name] = v
@@ -276,6 +312,8 @@ class RegionCompression:
             if f.name in self.fields:
                 dim = self.pq.m if self.pq is not None else int(self.pca_dim) or None
                 f = FieldSpec(f.name, f.scope, "exact", (dim,), self.storage_dtype)
+                if self.whitening is not None:
+                    fields.append(FieldSpec(f.name + WNORM_SUFFIX, f.scope, "exact", (), "float16"))
             fields.append(f)
         return IndexSchema(fields)
 
@@ -287,6 +325,14 @@ class RegionCompression:
             arrays["mean"], arrays["components"] = self.mean, self.components
         if self.pq is not None:
             arrays.update(self.pq.arrays())
+        if self.whitening is not None:
+            w = self.whitening
+            arrays.update(
+                whitening_mean=w.mean,
+                whitening_projection=w.projection,
+                whitening_eigenvalues=w.eigenvalues,
+                whitening_meta=np.array([w.eps, w.num_samples], dtype=np.float64),
+            )
         np.savez(path, **arrays)
 
     @classmethod
@@ -298,8 +344,25 @@ class RegionCompression:
             pq = None
             if "pq_centroids" in d.files:
                 pq = RegionPQ.from_arrays(d, cfg["pq"].get("trained_on", ""))
+            whitening = None
+            if "whitening_mean" in d.files:
+                eps, num = (float(v) for v in d["whitening_meta"])
+                whitening = PCAWhitening(
+                    np.array(d["whitening_mean"]),
+                    np.array(d["whitening_projection"]),
+                    np.array(d["whitening_eigenvalues"]),
+                    eps,
+                    int(num),
+                )
         return cls(
-            cfg["num_proposals"], cfg["pca_dim"], cfg["dtype"], cfg["fields"], mean, comps, pq
+            cfg["num_proposals"],
+            cfg["pca_dim"],
+            cfg["dtype"],
+            cfg["fields"],
+            mean,
+            comps,
+            pq,
+            whitening,
         )
 
 

@@ -181,19 +181,14 @@ def learn_compression_from_index(
     pq_m: int = 0,
     opq: bool = False,
     sample_images: int = 256,
-    projection=None,
 ) -> RegionCompression:
     """A region compression (int8 / float / product-quantised) learned, for PQ, on a sample of
-    the index's own stored region vectors (no network pass); ``projection`` (mean, components),
-    e.g. the whitening of sum-pooled region vectors, is applied first."""
+    the index's own stored region vectors (no network pass)."""
     if dtype != "pq":
-        if projection is None:
-            return RegionCompression(num_proposals, 0, dtype)
-        mean, comps = projection
-        return RegionCompression(num_proposals, comps.shape[0], dtype, mean=mean, components=comps)
+        return RegionCompression(num_proposals, 0, dtype)
     vecs = region_vectors_sample(source, fields, sample_images)
     n = min(int(sample_images), source.num_images)
     what = f"{len(vecs)} region vectors of {n} images of the index {source.root.name}"
     return RegionCompression.learn(
-        vecs, num_proposals, dtype="pq", pq_m=pq_m, opq=opq, trained_on=what, projection=projection
+        vecs, num_proposals, dtype="pq", pq_m=pq_m, opq=opq, trained_on=what
     )

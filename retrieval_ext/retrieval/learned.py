@@ -1,4 +1,4 @@
-"""Transforms learned on another dataset's index: PCA whitening, region PCA.
+"""Transforms learned on a dataset's index: PCA whitening, region PCA, region whitening, PQ.
 
 The paper learns its whitening on Paris for Oxford and vice versa, so that nothing is learned
 from the test set. :func:`load_or_learn` is that procedure once, for any transform: index the
@@ -7,7 +7,6 @@ save it keyed by the model's weights hash, and load it on every rank. The whiten
 region PCA and the region product quantiser are its users.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -20,7 +19,7 @@ from .compression import RegionCompression
 from .extractor import FeatureExtractor
 from .index_store import IndexReader
 from .indexing import build_index
-from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening
+from .normalization import PCAWhitening, l2_normalize, learn_pca_whitening, learn_region_whitening
 
 __all__ = [
     "load_or_learn_region_whitening",
@@ -195,53 +194,86 @@ def _region_vectors(index: IndexReader) -> np.ndarray:
     )
 
 
-# at most about this many region vectors learn the region whitening (the first proposals of
-# each image: stored best first), which bounds its memory on a large whitening dataset
-REGION_WHITENING_MAX_VECTORS = 65536
-
-
 def load_or_learn_region_whitening(
-    extractor: FeatureExtractor, whitening_dataset: str, work_dir: str, **index_kwargs
-) -> PCAWhitening:
-    """PCA whitening of sum-pooled region vectors, learned on ``whitening_dataset``'s database
-    ``rpa_sum`` vectors (L2-normalised; applied as L2 -> whiten -> L2, like IPA-sum), saved and
-    reused. The index of the whitening dataset must store ``rpa_sum`` (``RERANK_POOLING`` sum).
+    extractor: FeatureExtractor,
+    dataset: str,
+    work_dir: str,
+    pooling: str = "max",
+    dim: int = 0,
+    eps: float = 1e-6,
+    sample_images: int = 0,
+    min_vectors: int = 0,
+    **index_kwargs,
+) -> Optional[PCAWhitening]:
+    """PCA whitening of region vectors (:func:`~.normalization.learn_region_whitening`), learned
+    on ``dataset``'s database ``rpa_<pooling>`` vectors, saved and reused; applied by the region
+    compression as L2 -> whiten -> L2, to the stored vectors and the query's.
+
+    Args:
+        dataset: the collection itself, on a sample of ``sample_images`` images (the sample its
+            product quantiser is learned on), or another dataset (0 = all of its images).
+        pooling: "max" or "sum": the region vectors searched (``RERANK_POOLING``).
+        dim, eps: see :func:`~.normalization.learn_region_whitening`.
+        min_vectors: fewer region vectors than this learn nothing: None (a warning says so).
+        index_kwargs: see :func:`load_or_learn`.
 
     Raises:
-        ValueError: that index stores no ``rpa_sum``, or too few vectors to learn on.
+        ValueError: the index of ``dataset`` stores no ``rpa_<pooling>``.
     """
+    field = f"rpa_{pooling}"
 
-    def learn(index: IndexReader) -> PCAWhitening:
-        if "rpa_sum" not in index.schema:
+    def learn(index: IndexReader) -> _Learned:
+        if field not in index.schema:
             raise ValueError(
-                f"the index of {whitening_dataset!r} stores no rpa_sum: the region whitening is "
-                "learned with RETRIEVAL.RERANK_POOLING sum (or STORE.REGION_POOLINGS ['sum'])"
+                f"the index of {dataset!r} stores no {field}: the region whitening is learned on "
+                f"the region vectors searched (RETRIEVAL.RERANK_POOLING {pooling})"
             )
-        per_image = max(1, REGION_WHITENING_MAX_VECTORS // max(index.num_images, 1))
-        X = l2_normalize(
-            np.concatenate(
-                [
-                    np.asarray(index.regions(i)["rpa_sum"])[:per_image]  # best first
-                    for i in range(index.num_images)
-                ]
+        X = np.concatenate([index.regions(i)[field] for i in range(index.num_images)])
+        what = f"{len(X)} {field} vectors of {index.num_images} images of {dataset}"
+        if len(X) < max(int(min_vectors), 2):
+            logger.warning(
+                f"{what} are too few to learn the region whitening on (RETRIEVAL."
+                f"REGION_WHITENING.MIN_VECTORS {min_vectors}): region vectors are not whitened"
             )
-        )
-        w = learn_pca_whitening(X)
-        logger.info(
-            f"learned the region whitening on {len(X)} rpa_sum vectors of {whitening_dataset}"
-        )
-        return w
+            return _Learned(None)
+        w = learn_region_whitening(X, dim, eps)
+        logger.info(f"learned the region whitening ({w.out_dim} dims) on {what}")
+        return _Learned(w)
 
-    return load_or_learn(
+    variant = f"{pooling}-d{dim}-e{eps:g}-s{sample_images}-min{min_vectors}"
+    learned = load_or_learn(
         extractor,
-        whitening_dataset,
+        dataset,
         work_dir,
         "region-whitening",
-        "sum",
+        variant,
         learn,
-        PCAWhitening.load,
+        _Learned.load,
+        sample_images=sample_images,
         **index_kwargs,
     )
+    return learned.whitening
+
+
+class _Learned:
+    """A saved learning outcome that may be "nothing learned" (too few vectors), so that the
+    verdict is reused as the whitening would be."""
+
+    def __init__(self, whitening: Optional[PCAWhitening]):
+        self.whitening = whitening
+
+    def save(self, path):
+        if self.whitening is None:
+            np.savez(path, none=np.array(True))
+        else:
+            self.whitening.save(path)
+
+    @classmethod
+    def load(cls, path) -> "_Learned":
+        with np.load(path, allow_pickle=False) as d:
+            if "none" in d.files:
+                return cls(None)
+        return cls(PCAWhitening.load(path))
 
 
 def load_or_learn_region_pq(
@@ -253,7 +285,6 @@ def load_or_learn_region_pq(
     num_proposals: int = 0,
     sample_images: int = 0,
     min_vectors: int = 39 * 256,
-    whitening: Optional[PCAWhitening] = None,
     **index_kwargs,
 ) -> RegionCompression:
     """A region compression to product-quantised codes (``dtype`` "pq") whose quantiser is
@@ -268,13 +299,10 @@ def load_or_learn_region_pq(
         num_proposals: proposals kept per image (see :class:`RegionCompression`).
         min_vectors: fewer region vectors than this learn no quantiser: the compression is
             int8 then (a warning says so).
-        whitening: vectors are whitened with it (L2 -> whiten -> L2) before they are quantised
-            (sum-pooled region vectors, :func:`load_or_learn_region_whitening`).
         index_kwargs: see :func:`load_or_learn`.
     """
 
-    proj = (whitening.mean, whitening.projection) if whitening is not None else None
-    plain = _projected(num_proposals, "int8", proj)
+    plain = RegionCompression(num_proposals, 0, "int8")
 
     def learn(index: IndexReader) -> RegionCompression:
         vecs = _region_vectors(index)
@@ -287,15 +315,13 @@ def load_or_learn_region_pq(
             )
             return plain
         learned = RegionCompression.learn(
-            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on, projection=proj
+            vecs, num_proposals, dtype="pq", pq_m=m, opq=opq, trained_on=trained_on
         )
         logger.info(f"learned the region product quantiser ({m} bytes) on {trained_on}")
         return learned
 
     variant = f"m{m}" + ("-opq" if opq else "") + (f"-s{sample_images}" if sample_images else "")
     variant += f"-min{min_vectors}"
-    if whitening is not None:
-        variant += "-w" + hashlib.sha1(whitening.projection.tobytes()).hexdigest()[:12]
     learned = load_or_learn(
         extractor,
         dataset,
@@ -309,19 +335,4 @@ def load_or_learn_region_pq(
     )
     if learned.pq is None:  # too few vectors: int8
         return plain
-    return RegionCompression(
-        num_proposals,
-        learned.pca_dim,
-        "pq",
-        mean=learned.mean,
-        components=learned.components,
-        pq=learned.pq,
-    )
-
-
-def _projected(num_proposals: int, dtype: str, projection=None) -> RegionCompression:
-    """A region compression to ``dtype``, through ``projection`` (mean, components) if given."""
-    if projection is None:
-        return RegionCompression(num_proposals, 0, dtype)
-    mean, comps = projection
-    return RegionCompression(num_proposals, comps.shape[0], dtype, mean=mean, components=comps)
+    return RegionCompression(num_proposals, 0, "pq", pq=learned.pq)

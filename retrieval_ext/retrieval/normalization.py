@@ -1,13 +1,11 @@
 """Descriptor normalisation: L2 and PCA whitening (Salvador et al. 2016, Sec. 3.1).
 
-Sum-pooled vectors (IPA-sum, RPA-sum) are L2-normalised, PCA-whitened and L2-normalised again;
-max-pooled vectors are only L2-normalised. IPA-sum is whitened here
-(:func:`normalize_descriptors`); sum-pooled region vectors (``RERANK_POOLING`` sum) are whitened
-by the index's region compression, with a whitening learned on the whitening dataset's
-``rpa_sum`` vectors (``RETRIEVAL.WHITEN_SUM_REGIONS``,
-:func:`~.learned.load_or_learn_region_whitening`). The whitening follows ``pcawhitenlearn`` of
-cnnimageretrieval-pytorch and is learned on a different dataset than the one searched (Paris for
-Oxford and vice versa).
+Sum-pooled image vectors (IPA-sum) are L2-normalised, PCA-whitened and L2-normalised again;
+max-pooled ones are only L2-normalised (:func:`normalize_descriptors`). The whitening follows
+``pcawhitenlearn`` of cnnimageretrieval-pytorch and is learned on a different dataset than the one
+searched (Paris for Oxford and vice versa). Region vectors (either pooling) are whitened the same
+way by the index's region compression (``RETRIEVAL.REGION_WHITENING``,
+:func:`learn_region_whitening`, :func:`~.learned.load_or_learn_region_whitening`).
 
 Everything here is pure numpy. Inputs may be float16 (e.g. memory-mapped index arrays): they are
 upcast to float32 block by block, so only the rows being processed are ever materialised in float32.
@@ -25,7 +23,9 @@ __all__ = [
     "l2_normalize",
     "PCAWhitening",
     "learn_pca_whitening",
+    "learn_region_whitening",
     "normalize_descriptors",
+    "whitened_cosines",
     "POOLINGS",
 ]
 
@@ -277,6 +277,48 @@ def learn_pca_whitening(X, dim=None, eps=1e-6):
         eps=float(eps),
         num_samples=int(n),
     )
+
+
+def learn_region_whitening(vectors, dim=0, eps=1e-6, max_vectors=65536):
+    """PCA whitening of region vectors: :func:`learn_pca_whitening` of their L2-normalised rows.
+
+    Region vectors of one collection are many and alike (walls, sky, table tops), so their
+    covariance is dominated by a few directions every region shares; whitening them (with the
+    eigenvalue floor ``eps`` keeping the noisy tail from being amplified) lets the cosine weigh
+    what tells one object from another.
+
+    Args:
+        vectors (array-like): (N, C) region vectors, any float dtype.
+        dim (int): output dimension, at most C (a larger value is reduced to C); 0 = C.
+        eps (float): relative eigenvalue floor, see :func:`learn_pca_whitening`.
+        max_vectors (int): at most this many rows are used, evenly spread over ``vectors``.
+
+    Returns:
+        PCAWhitening
+    """
+    X = _check_matrix(vectors, "vectors")
+    if X.shape[0] > max_vectors:
+        X = X[np.linspace(0, X.shape[0] - 1, int(max_vectors)).round().astype(np.int64)]
+    dim = min(int(dim), X.shape[1]) or None
+    return learn_pca_whitening(l2_normalize(X), dim=dim, eps=eps)
+
+
+def whitened_cosines(dots: np.ndarray, norms: np.ndarray, scale: float, offset: float):
+    """Cosines of whitened region vectors with a whitened query, from plain stored rows.
+
+    For unit region vectors ``x``, a whitening ``x -> P (x - m)`` and the unit whitened query
+    ``w``, ``cos = (x . P^T w - m . P^T w) / |P (x - m)|``: with ``d = P^T w``, ``dots`` the
+    cosines of the rows with ``d / |d|``, ``scale = |d|``, ``offset = m . d`` and ``norms`` the
+    stored ``|P (x - m)|``, it is ``(scale * dots - offset) / norms``.
+
+    Returns:
+        float32, the shape of ``dots``; rows of norm 0 score 0.
+    """
+    norms = np.asarray(norms, dtype=np.float32)
+    out = (
+        np.float32(scale) * np.asarray(dots, dtype=np.float32) - np.float32(offset)
+    ) / np.maximum(norms, np.float32(1e-12))
+    return np.where(norms > 0, out, np.float32(0)).astype(np.float32, copy=False)
 
 
 def normalize_descriptors(X, pooling, whitening=None):

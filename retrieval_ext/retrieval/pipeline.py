@@ -7,7 +7,7 @@ scored by :func:`retrieval_ext.evaluation.evaluator.score_run`.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.utils import comm
@@ -45,39 +45,34 @@ logger = logging.getLogger("retrieval_ext")
 
 
 def region_compression(
-    cfg, extractor: FeatureExtractor, dataset: str, work_dir: str
+    cfg, extractor: FeatureExtractor, dataset: str, work_dir: str, whitening="config"
 ) -> Optional[RegionCompression]:
     """The region compression of ``cfg.RETRIEVAL.REGION_*``; None when nothing is compressed.
 
     With ``REGION_PCA_DIM`` the PCA is learned on ``REGION_PCA_DATASET`` (default: the whitening
     dataset), see :func:`~.learned.load_or_learn_region_pca`; with ``REGION_DTYPE`` "pq" the
-    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`).
+    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`), on the region vectors
+    whitened as ``REGION_WHITENING`` says (:func:`region_whitening`; ``whitening``: a given
+    :class:`PCAWhitening` or None instead).
 
     Raises:
         ValueError: PCA asked without a dataset to learn it on, or on the searched ``dataset``.
     """
     r = cfg.RETRIEVAL
     dtype = r.REGION_DTYPE or r.INDEX_DTYPE
-    whitening = region_whitening(cfg, extractor, dataset, work_dir)
+    if r.REGION_WHITENING.SOURCE and r.REGION_PCA_DIM:
+        raise ValueError(
+            "RETRIEVAL.REGION_PCA_DIM and the region whitening (RETRIEVAL.REGION_WHITENING) "
+            "cannot be combined: set REGION_WHITENING.SOURCE '' or REGION_PCA_DIM 0"
+        )
+    if isinstance(whitening, str):
+        whitening = region_whitening(cfg, extractor, dataset, work_dir)
     if not (r.REGION_NUM_PROPOSALS or r.REGION_PCA_DIM or r.REGION_DTYPE or whitening):
         return None
-    if whitening is not None and r.REGION_PCA_DIM:
-        raise ValueError(
-            "RETRIEVAL.REGION_PCA_DIM and the whitening of sum-pooled region vectors "
-            "(RETRIEVAL.WHITEN_SUM_REGIONS) cannot be combined: set one of them off"
-        )
     if dtype == "pq":
-        return _region_pq(cfg, extractor, dataset, work_dir, whitening)
-    if whitening is not None:
-        return RegionCompression(
-            r.REGION_NUM_PROPOSALS,
-            whitening.out_dim,
-            dtype,
-            mean=whitening.mean,
-            components=whitening.projection,
-        )
+        return replace(_region_pq(cfg, extractor, dataset, work_dir), whitening=whitening)
     if not r.REGION_PCA_DIM:
-        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype)
+        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, dtype, whitening=whitening)
     source = r.REGION_PCA_DATASET or r.WHITENING_DATASET
     if not source or source == dataset:
         raise ValueError(
@@ -90,24 +85,60 @@ def region_compression(
 
 
 def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening]:
-    """The whitening of sum-pooled region vectors (``RETRIEVAL.WHITEN_SUM_REGIONS``), learned on
-    ``WHITENING_DATASET``'s region vectors; None unless ``RERANK_POOLING`` is sum and both are
-    set."""
+    """The whitening of the searched region vectors (``RETRIEVAL.REGION_WHITENING``): learned on
+    a sample of ``dataset`` itself (SOURCE "collection") or on ``WHITENING_DATASET``'s region
+    vectors ("whitening_dataset"); None with SOURCE "" or too few vectors to learn on.
+
+    Raises:
+        ValueError: an unknown SOURCE, or "whitening_dataset" without a WHITENING_DATASET.
+    """
     r = cfg.RETRIEVAL
-    if r.RERANK_POOLING != "sum" or not r.WHITEN_SUM_REGIONS or not r.WHITENING_DATASET:
+    w = r.REGION_WHITENING
+    if not w.SOURCE:
         return None
-    if r.WHITENING_DATASET == dataset:
-        logger.warning(
-            f"the region whitening is learned on {dataset!r}, the dataset searched: it leaks the "
-            "test images' statistics (RETRIEVAL.WHITENING_DATASET)"
+    if w.SOURCE == "collection":
+        source, sample = dataset, r.REGION_PQ.SAMPLE_IMAGES
+    elif w.SOURCE == "whitening_dataset":
+        if not r.WHITENING_DATASET:
+            raise ValueError(
+                "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset' needs a "
+                "RETRIEVAL.WHITENING_DATASET"
+            )
+        source, sample = r.WHITENING_DATASET, 0
+        if source == dataset:
+            logger.warning(
+                f"the region whitening is learned on {dataset!r}, the dataset searched, with "
+                "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset': say 'collection' to learn "
+                "it on a sample of the collection on purpose"
+            )
+    else:
+        raise ValueError(
+            "RETRIEVAL.REGION_WHITENING.SOURCE must be 'collection', 'whitening_dataset' or '', "
+            f"got {w.SOURCE!r}"
         )
-    return load_or_learn_region_whitening(extractor, r.WHITENING_DATASET, work_dir, cfg=cfg)
+    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
+    if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < w.MIN_VECTORS:
+        logger.warning(
+            f"{source} cannot give RETRIEVAL.REGION_WHITENING.MIN_VECTORS ({w.MIN_VECTORS}) "
+            "region vectors to learn the region whitening on: region vectors are not whitened"
+        )
+        return None
+    return load_or_learn_region_whitening(
+        extractor,
+        source,
+        work_dir,
+        r.RERANK_POOLING,
+        w.DIM,
+        w.EPS,
+        sample_images=sample,
+        min_vectors=w.MIN_VECTORS,
+        cfg=cfg,
+    )
 
 
-def _region_pq(cfg, extractor, dataset, work_dir, whitening=None) -> RegionCompression:
+def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
     """The product-quantised region compression of ``RETRIEVAL.REGION_PQ``: learned on a sample
-    of ``dataset`` itself, or on ``REGION_PQ.DATASET`` (on whitened vectors with
-    ``whitening``)."""
+    of ``dataset`` itself, or on ``REGION_PQ.DATASET``."""
     r = cfg.RETRIEVAL
     if r.REGION_PCA_DIM:
         raise ValueError(
@@ -123,15 +154,7 @@ def _region_pq(cfg, extractor, dataset, work_dir, whitening=None) -> RegionCompr
             f"{source} cannot give RETRIEVAL.REGION_PQ.MIN_VECTORS ({r.REGION_PQ.MIN_VECTORS}) "
             "region vectors to learn a product quantiser on: region vectors are stored int8"
         )
-        if whitening is None:
-            return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
-        return RegionCompression(
-            r.REGION_NUM_PROPOSALS,
-            whitening.out_dim,
-            "int8",
-            mean=whitening.mean,
-            components=whitening.projection,
-        )
+        return RegionCompression(r.REGION_NUM_PROPOSALS, 0, "int8")
     return load_or_learn_region_pq(
         extractor,
         source,
@@ -141,7 +164,6 @@ def _region_pq(cfg, extractor, dataset, work_dir, whitening=None) -> RegionCompr
         r.REGION_NUM_PROPOSALS,
         sample_images=sample,
         min_vectors=r.REGION_PQ.MIN_VECTORS,
-        whitening=whitening,
         cfg=cfg,
     )
 

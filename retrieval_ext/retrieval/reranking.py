@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .normalization import l2_normalize
+from .normalization import l2_normalize, whitened_cosines
 
 try:
     import torch as _torch
@@ -162,6 +162,7 @@ def class_agnostic_rerank(
     normalized=False,
     box_vote_delta=0.0,
     similarity=None,
+    rank=None,
 ):
     """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
 
@@ -190,6 +191,12 @@ def class_agnostic_rerank(
             arrays ``parts`` against the unit query ``q``, for stored rows that are codes rather
             than vectors (product-quantised: :meth:`RegionPQ.cosines`); None = cosines of the
             stored vectors.
+        rank (tuple or None): ``(direction, scale, offset, norms)`` to rank by another score
+            than the cosine that locates: each proposal scores
+            ``(scale * sim(direction) - offset) / norm`` (the whitened cosine of
+            :func:`~.normalization.whitened_cosines`; ``norms`` a sequence or callable giving each
+            image's (K_i,) norms), the image its best proposal's score; the located box stays
+            that of the cosine with ``query_region``. None: the cosine ranks and locates.
 
     Returns:
         RerankResult: block scores are cosine similarities in [-1, 1]; images without proposals
@@ -205,12 +212,19 @@ def class_agnostic_rerank(
     block_best = np.full(n, -1, dtype=np.int64)
     parts, counts = _gather_regions(vec_acc, order[:n], q.size if similarity is None else None)
     if parts:
-        sims = _cosines(parts, q, normalized) if similarity is None else similarity(parts, q)
+        score = (
+            (lambda d: _cosines(parts, d, normalized))
+            if similarity is None
+            else (lambda d: similarity(parts, d))
+        )
+        sims = score(q)
+        ranks = sims if rank is None else _ranking_scores(rank, score, order[:n], counts)
         ends = np.cumsum(counts)
         for j in np.flatnonzero(counts):
             seg = sims[ends[j] - counts[j] : ends[j]]
-            b = int(np.argmax(seg))
-            block_scores[j], block_best[j] = seg[b], b
+            rseg = ranks[ends[j] - counts[j] : ends[j]]
+            b = int(np.argmax(rseg))
+            block_scores[j], block_best[j] = rseg[b], b
             boxes = _read(box_acc, order[j], 1, "region_boxes")
             if boxes is not None:
                 if boxes.shape != (counts[j], 4):
@@ -219,9 +233,22 @@ def class_agnostic_rerank(
                         f"({counts[j]}, 4)"
                     )
                 block_boxes[j] = (
-                    vote_box(boxes, seg, box_vote_delta) if box_vote_delta else boxes[b]
+                    vote_box(boxes, seg, box_vote_delta)
+                    if box_vote_delta
+                    else boxes[int(np.argmax(seg))]
                 )
     return _assemble(order, scores, n, block_scores, block_boxes, block_best)
+
+
+def _ranking_scores(rank, score, images, counts):
+    """The ``rank`` scores of every gathered proposal (see :func:`class_agnostic_rerank`)."""
+    direction, scale, offset, norms = rank
+    acc = make_accessor(norms)
+    parts = [_read(acc, i, 0, "norms") for i, c in zip(images, counts) if c]
+    if any(p is None or p.shape != (c,) for p, c in zip(parts, counts[counts > 0])):
+        raise ValueError("rank norms must give (K_i,) values for every image with proposals")
+    q = np.asarray(direction, dtype=np.float32).reshape(-1)
+    return whitened_cosines(score(q), np.concatenate(parts), scale, offset)
 
 
 def _gather_regions(vec_acc, images, dim):

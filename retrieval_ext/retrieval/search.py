@@ -23,7 +23,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from detectron2.config import configurable
 
-from .compression import RegionCompression, load_region_compression
+from .compression import WNORM_SUFFIX, RegionCompression, load_region_compression
 from .contents import IndexContents, MissingFieldError, class_accessors
 from .faiss_search import FaissFilter, FaissParams
 from .normalization import PCAWhitening, l2_normalize, normalize_descriptors
@@ -198,6 +198,14 @@ class IndexSearcher:
             if rerank_pooling in c.region_poolings
             else None
         )
+        self._wnorms = None  # the whitened vectors' norms CA-SR ranks with (a region whitening)
+        wnorm = f"rpa_{rerank_pooling}{WNORM_SUFFIX}"
+        if region_compression is not None and region_compression.whitening is not None:
+            if wnorm not in index.schema:
+                raise ValueError(
+                    f"{root}: the region compression whitens, but the index stores no {wnorm}"
+                )
+            self._wnorms = index.region_accessor(wnorm)
         self._boxes = index.region_accessor("boxes")
         self._scores = self._class_boxes = None
         if c.class_outputs:
@@ -361,9 +369,13 @@ class IndexSearcher:
     def _ca(self, region, order, scores, n):
         # compressed float vectors are stored unit-norm; int8 codes are scaled per vector;
         # product-quantised codes are scored from their codes (similarity)
+        # with a region whitening, the whitened cosine ranks and the plain one locates
         comp = self.region_compression
         unit = comp is not None and comp.dtype not in ("int8", "pq")
         similarity = comp.similarity() if comp is not None else None
+        rank = None
+        if self._wnorms is not None:
+            rank = (*comp.rank_query(region), self._wnorms)
         return class_agnostic_rerank(
             region,
             order,
@@ -374,6 +386,7 @@ class IndexSearcher:
             normalized=unit,
             box_vote_delta=self.box_vote_delta,
             similarity=similarity,
+            rank=rank,
         )
 
     def _best_regions(self, ca, images) -> np.ndarray:

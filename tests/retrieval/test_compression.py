@@ -146,3 +146,66 @@ def test_prepare_compressed_index_and_writer_round_trip(tmp_path):
     # proposals 1 and 2 (objectness 0.9, 0.5) kept in stored order; unit rows scaled to 127
     assert r["boxes"].tolist() == [[4, 5, 6, 7], [8, 9, 10, 11]]
     assert r["rpa_max"].tolist() == [[0, 127, 127, 0], [0, 0, 0, 127]]
+
+
+@pytest.mark.parametrize("dtype,opq", [("float32", False), ("int8", False), ("pq", True)])
+def test_region_whitening_ranks_by_whitened_cosine_and_locates_by_plain(tmp_path, dtype, opq):
+    from retrieval_ext.retrieval.normalization import learn_region_whitening
+
+    src, recs = _index(tmp_path / "src", k=12, c=8)
+    rng = np.random.default_rng(7)
+    train = rng.random((600, 8)) ** 3  # a few dominant directions, as real region vectors
+    white = learn_region_whitening(train, dim=6, eps=0.01)
+    if dtype == "pq":
+        comp = RegionCompression.learn(train, dtype="pq", pq_m=4, opq=opq)
+    else:
+        comp = RegionCompression(dtype=dtype)
+    comp = RegionCompression(comp.num_proposals, 0, comp.dtype, pq=comp.pq, whitening=white)
+    dst = compress_index(src, tmp_path / "dst", comp, shard_size=3)
+    loaded = load_region_compression(dst.root)
+    assert loaded.describe() == comp.describe()
+    assert "rpa_max_wnorm" in dst.schema and dst.schema["rpa_max_wnorm"].dtype == "float16"
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    def whiten(v):  # written out: L2, centre, project, L2
+        return unit((unit(v) - white.mean) @ white.projection.T)
+
+    def stored(i):  # what the index holds, as vectors of the original space
+        rows = dst.regions(i)["rpa_max"]
+        v = comp.pq.decode(rows) @ comp.pq.rotation.astype(np.float32) if opq else rows
+        return unit(np.asarray(v, np.float64))
+
+    query = {"ipa_sum": rng.random(8), "ipa_max": rng.random(8), "crop_max": rng.random(8)}
+    res = IndexSearcher(dst, top_n=10, box_vote_delta=0.0).search(query, ["filtering", "ca_sr"])
+    res = res["ca_sr"]
+    qw = whiten(query["crop_max"])
+    tol = 2e-3  # the stored norms are float16
+    for pos, i in enumerate(res.order):
+        rec = recs[f"im{i}"]
+        if len(rec["objectness"]) == 0:
+            assert np.isneginf(res.scores[pos])
+            continue
+        x = stored(i)
+        # the stored rows' whitened cosine (the norms are those of the exact vectors)
+        exact = np.linalg.norm((unit(rec["rpa_max"]) - white.mean) @ white.projection.T, axis=1)
+        assert dst.regions(i)["rpa_max_wnorm"] == pytest.approx(exact, rel=1e-3)
+        d = white.projection.T @ qw
+        ranks = (x @ d - white.mean @ d) / exact
+        if dtype == "float32":  # stored exactly: the whitened cosine itself
+            np.testing.assert_allclose(ranks, whiten(rec["rpa_max"]) @ qw, atol=1e-4)
+        assert res.scores[pos] == pytest.approx(ranks.max(), abs=tol)
+        assert ranks[res.best_proposal[pos]] >= ranks.max() - 2 * tol
+        # the located box is the plain cosine's best proposal, not the whitened one's
+        plain = x @ unit(query["crop_max"])
+        np.testing.assert_allclose(res.boxes[pos], rec["boxes"][int(np.argmax(plain))])
+
+
+def test_region_whitening_refuses_a_region_pca():
+    from retrieval_ext.retrieval.normalization import learn_region_whitening
+
+    white = learn_region_whitening(np.random.default_rng(0).random((50, 4)))
+    mean, comps = learn_region_pca(np.random.default_rng(1).random((50, 4)), 2)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        RegionCompression(0, 2, "float16", mean=mean, components=comps, whitening=white)

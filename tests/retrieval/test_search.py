@@ -27,7 +27,7 @@ def test_from_config_takes_the_retrieval_settings(index):
     assert (s.top_n, s.qe_m, s.filter_pooling, s.query_region) == (4, 2, "max", "rpa")
     assert (s.qe_rerank_mode, s.filter_top_k, s.whitening) == ("global", 5, None)
     # RETRIEVAL.BOX_VOTE_DELTA / QE_GATE_Z defaults (config.py) reach the searcher
-    assert (s.box_vote_delta, s.qe_gate_z) == (0.05, 4.0)
+    assert (s.box_vote_delta, s.qe_gate_z) == (0.05, 7.0)
     # the same searcher from plain arguments ranks the same way
     plain = IndexSearcher(
         index,
