@@ -223,3 +223,34 @@ def test_normalize_rejects_unknown_pooling_and_dim_mismatch():
         normalize_descriptors(np.ones((2, 2)), "avg")
     with pytest.raises(ValueError):
         normalize_descriptors(np.ones((2, 3)), "sum", _hand_whitening())
+
+
+def test_whitened_cosines_from_plain_rows_equal_the_cosine_of_whitened_vectors():
+    from retrieval_ext.retrieval.normalization import learn_region_whitening, whitened_cosines
+
+    rng = np.random.default_rng(3)
+    train = rng.random((400, 6)) ** 3
+    w = learn_region_whitening(train, dim=4, eps=0.01)
+    assert w.out_dim == 4 and learn_region_whitening(train, dim=99).out_dim == 6  # at most C
+    x = l2_normalize(rng.random((5, 6)))
+    q = l2_normalize(rng.random(6))
+    xw = l2_normalize(w.transform(x))
+    qw = l2_normalize(w.transform(q))
+    d = w.projection.T @ qw
+    got = whitened_cosines(
+        x @ (d / np.linalg.norm(d)),
+        np.linalg.norm(w.transform(x), axis=1),
+        np.linalg.norm(d),
+        w.mean @ d,
+    )
+    np.testing.assert_allclose(got, xw @ qw, atol=1e-5)
+    assert whitened_cosines(np.ones(2), np.zeros(2), 1.0, 0.0).tolist() == [0.0, 0.0]
+
+
+def test_region_whitening_learns_on_an_even_spread_of_at_most_max_vectors():
+    from retrieval_ext.retrieval.normalization import learn_region_whitening
+
+    x = np.random.default_rng(4).random((101, 3))
+    w = learn_region_whitening(x, max_vectors=11)
+    assert w.num_samples == 11
+    np.testing.assert_allclose(w.mean, l2_normalize(x[::10]).mean(axis=0), atol=1e-6)

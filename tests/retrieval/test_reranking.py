@@ -280,3 +280,40 @@ def test_ca_rerank_box_voting_changes_only_the_located_boxes():
     np.testing.assert_allclose(voted.boxes[1], expected10, rtol=1e-6)
     with pytest.raises(ValueError, match="box_vote_delta"):
         class_agnostic_rerank(*args, top_n=3, box_vote_delta=-1.0)
+
+
+def test_ca_sr_ranks_by_the_rank_scores_and_locates_by_the_cosine():
+    # query (1, 0); image 10: proposal 0 has cosine 0.8, proposal 1 cosine 0.6;
+    # the rank scores (scale * cos(direction) - offset) / norm prefer proposal 1
+    vectors = {10: np.array([[0.8, 0.6], [0.6, 0.8]]), 20: np.array([[1.0, 0.0]])}
+    boxes = {10: np.array([[0, 0, 1, 1], [5, 5, 9, 9]], float), 20: np.array([[2, 2, 3, 3.0]])}
+    norms = {10: np.array([2.0, 1.0]), 20: np.array([4.0])}
+    direction, scale, offset = np.array([0.0, 1.0]), 2.0, 0.4
+    res = class_agnostic_rerank(
+        np.array([1.0, 0.0]),
+        [20, 10],
+        [0.5, 0.4],
+        vectors,
+        boxes,
+        top_n=2,
+        rank=(direction, scale, offset, norms),
+    )
+    # image 10: (2 * [0.6, 0.8] - 0.4) / [2, 1] = [0.4, 1.2]; image 20: (2 * 0 - 0.4) / 4 = -0.1
+    assert res.order.tolist() == [10, 20]
+    np.testing.assert_allclose(res.scores, [1.2, -0.1], rtol=1e-6)
+    assert res.best_proposal.tolist() == [1, 0]
+    # the box is the cosine's best proposal (0.8 > 0.6), not the rank scores'
+    np.testing.assert_allclose(res.boxes[0], [0, 0, 1, 1])
+
+
+def test_ca_sr_rank_norms_must_match_the_proposals():
+    vectors = {0: np.eye(2)}
+    with pytest.raises(ValueError, match="rank norms"):
+        class_agnostic_rerank(
+            np.array([1.0, 0.0]),
+            [0],
+            [0.0],
+            vectors,
+            top_n=1,
+            rank=(np.array([1.0, 0.0]), 1.0, 0.0, {0: np.ones(3)}),
+        )
