@@ -118,23 +118,29 @@ def _assemble(order, scores, n, block_scores, block_boxes, block_best):
     return RerankResult(out_order, out_scores, boxes, best, n)
 
 
-def vote_box(boxes, sims, delta):
+def vote_box(boxes, sims, delta, quantile=0.0):
     """The located box refined by voting among the proposals that match nearly as well as the best.
 
     Max-pooled region vectors barely change when a region takes in some background, so the single
     best proposal is often a loose or shifted box around the object while several overlapping
     proposals score within a few hundredths of it. Their similarity-weighted mean box is closer to
     the object (box voting, Gidaris and Komodakis, ICCV 2015), and needs nothing but the stored
-    boxes and the similarities the reranking computed anyway.
+    boxes and the similarities the reranking computed anyway. The voters are mostly parts of the
+    object (a part matches the whole object's vector nearly as well), so their mean box is smaller
+    than the object; ``quantile`` > 0 takes instead the box spanning the voters' edges: each left
+    and top edge at the similarity-weighted ``quantile`` of the voters' left and top edges, each
+    right and bottom edge at ``1 - quantile`` of theirs.
 
     Args:
         boxes (array-like): (K, 4) XYXY proposal boxes, K >= 1.
         sims (array-like): (K,) similarities of the same proposals to the query (cosines).
         delta (float): >= 0; proposals with ``sim >= max(sim) - delta`` vote.
+        quantile (float): in [0, 0.5); 0 = the weighted mean box.
 
     Returns:
         np.ndarray: float32 (4,), ``sum_i w_i box_i / sum_i w_i`` over the voters with
-        ``w_i = max(sim_i, 0)``; equal weights if every voter's similarity is <= 0.
+        ``w_i = max(sim_i, 0)`` (equal weights if every voter's similarity is <= 0), or the
+        quantile box with the same weights.
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     sims = np.asarray(sims, dtype=np.float64).reshape(-1)
@@ -145,11 +151,24 @@ def vote_box(boxes, sims, delta):
         )
     if not delta >= 0:
         raise ValueError(f"box voting delta must be >= 0, got {delta}")
+    if not 0 <= quantile < 0.5:
+        raise ValueError(f"box voting quantile must be in [0, 0.5), got {quantile}")
     voters = sims >= sims.max() - delta
     w = np.clip(sims[voters], 0.0, None)
     if w.sum() <= 0:
         w = np.ones_like(w)
-    return ((w[:, None] * boxes[voters]).sum(axis=0) / w.sum()).astype(np.float32)
+    b = boxes[voters]
+    if not quantile:
+        return ((w[:, None] * b).sum(axis=0) / w.sum()).astype(np.float32)
+    q = (quantile, quantile, 1 - quantile, 1 - quantile)
+    return np.array([_weighted_quantile(b[:, k], w, q[k]) for k in range(4)], np.float32)
+
+
+def _weighted_quantile(values, weights, q):
+    """The smallest of ``values`` whose cumulative share of ``weights`` (in value order) is >= q."""
+    order = np.argsort(values, kind="stable")
+    share = np.cumsum(weights[order]) / weights.sum()
+    return values[order][min(int(np.searchsorted(share, q)), len(values) - 1)]
 
 
 def class_agnostic_rerank(
@@ -163,6 +182,7 @@ def class_agnostic_rerank(
     box_vote_delta=0.0,
     similarity=None,
     rank=None,
+    box_vote_quantile=0.0,
 ):
     """CA-SR: rerank the top ``top_n`` images by their best proposal's similarity to the query box.
 
@@ -187,6 +207,8 @@ def class_agnostic_rerank(
         box_vote_delta (float): 0 (the paper): the best proposal's box locates the object;
             > 0: :func:`vote_box` of the image's proposals with this delta (scores, order and
             ``best_proposal`` are unchanged).
+        box_vote_quantile (float): the vote's box: 0 = the weighted mean of the voters' boxes;
+            > 0 = the box spanning their edges' weighted quantiles (see :func:`vote_box`).
         similarity (callable or None): ``fn(parts, q) -> (sum K_i,)`` scores of the rows of the
             arrays ``parts`` against the unit query ``q``, for stored rows that are codes rather
             than vectors (product-quantised: :meth:`RegionPQ.cosines`); None = cosines of the
@@ -233,7 +255,7 @@ def class_agnostic_rerank(
                         f"({counts[j]}, 4)"
                     )
                 block_boxes[j] = (
-                    vote_box(boxes, seg, box_vote_delta)
+                    vote_box(boxes, seg, box_vote_delta, box_vote_quantile)
                     if box_vote_delta
                     else boxes[int(np.argmax(seg))]
                 )

@@ -93,6 +93,8 @@ class IndexSearcher:
         box_vote_delta: CA-SR located box: 0 = the best proposal's (the paper); > 0 = the vote
             of the proposals within this cosine of the best
             (:func:`~retrieval_ext.retrieval.reranking.vote_box`).
+        box_vote_quantile: the vote's box: 0 = the weighted mean of the voters' boxes; in
+            (0, 0.5) = the box spanning the weighted quantiles of their edges.
         qe_gate_z: 0 = every QE stage averages the top M (the paper); > 0 = only the top M
             results whose robust z-score within the ranked top N reaches it
             (:func:`~retrieval_ext.retrieval.query_expansion.outlier_gate`, see
@@ -129,6 +131,7 @@ class IndexSearcher:
         filter_top_k: int = 0,
         region_compression="auto",
         box_vote_delta: float = 0.0,
+        box_vote_quantile: float = 0.0,
         qe_gate_z: float = 0.0,
         cs_sr_box: str = "auto",
         cs_sr_classifier: str = "model",
@@ -155,6 +158,8 @@ class IndexSearcher:
             )
         if not np.isfinite(cs_sr_background):
             raise ValueError(f"cs_sr_background must be finite, got {cs_sr_background}")
+        if not 0 <= box_vote_quantile < 0.5:
+            raise ValueError(f"box_vote_quantile must be in [0, 0.5), got {box_vote_quantile!r}")
         self.index = index
         self.whitening = whitening
         self.filter_pooling = filter_pooling
@@ -168,6 +173,7 @@ class IndexSearcher:
         if problem:
             raise MissingFieldError(f"index {getattr(index, 'root', '')}: {problem}")
         self.box_vote_delta = float(box_vote_delta)
+        self.box_vote_quantile = float(box_vote_quantile)
         self.qe_gate_z = float(qe_gate_z)
         if cs_sr_box == "auto":
             cs_sr_box = "region" if cs_sr_classifier == "queries" else "class"
@@ -239,6 +245,7 @@ class IndexSearcher:
             ),
             "filter_top_k": r.FILTER_TOP_K,
             "box_vote_delta": r.BOX_VOTE_DELTA,
+            "box_vote_quantile": r.BOX_VOTE_QUANTILE,
             "qe_gate_z": r.QE_GATE_Z,
             "cs_sr_box": r.CS_SR_BOX,
             "cs_sr_classifier": r.CS_SR_CLASSIFIER,
@@ -385,6 +392,7 @@ class IndexSearcher:
             n,
             normalized=unit,
             box_vote_delta=self.box_vote_delta,
+            box_vote_quantile=self.box_vote_quantile,
             similarity=similarity,
             rank=rank,
         )

@@ -252,6 +252,24 @@ def test_vote_box_hand_worked():
     np.testing.assert_array_equal(vote_box(boxes, [0.9, 0.88, 0.5], 0.0), [0, 0, 10, 10])
 
 
+def test_vote_box_quantile_spans_the_voters_edges():
+    # voters (delta 0.2): sims 0.9, 0.8, 0.7 (weights 0.375, 0.333, 0.292 of 2.4); the far
+    # box (0.1) does not vote
+    boxes = [[10, 20, 50, 60], [0, 30, 40, 90], [20, 0, 70, 50], [90, 90, 99, 99]]
+    sims = [0.8, 0.9, 0.7, 0.1]
+    # x1 sorted 0 (w 0.9), 10 (0.8), 20 (0.7): cumulative shares 0.375, 0.708, 1 -> q 0.25 at 0
+    # y1 sorted 0 (0.7), 20 (0.8), 30 (0.9): shares 0.292, 0.625, 1 -> q 0.25 at 0
+    # x2 sorted 40 (0.9), 50 (0.8), 70 (0.7): shares 0.375, 0.708, 1 -> q 0.75 at 70
+    # y2 sorted 50 (0.7), 60 (0.8), 90 (0.9): shares 0.292, 0.625, 1 -> q 0.75 at 90
+    np.testing.assert_array_equal(vote_box(boxes, sims, 0.2, 0.25), [0, 0, 70, 90])
+    # q 0.4: x1 at 10 (share 0.708 >= 0.4), y1 at 20, x2 at 50 (0.708 >= 0.6), y2 at 60
+    np.testing.assert_array_equal(vote_box(boxes, sims, 0.2, 0.4), [10, 20, 50, 60])
+    # one voter: its own box whatever the quantile
+    np.testing.assert_array_equal(vote_box(boxes, sims, 0.0, 0.25), boxes[1])
+    with pytest.raises(ValueError, match="quantile"):
+        vote_box(boxes, sims, 0.2, 0.5)
+
+
 def test_vote_box_non_positive_sims_vote_equally_and_bad_input_is_refused():
     np.testing.assert_allclose(
         vote_box([[0, 0, 2, 2], [2, 2, 4, 4]], [-0.1, -0.1], 0.0), [1, 1, 3, 3]
