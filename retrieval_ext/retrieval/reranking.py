@@ -160,15 +160,12 @@ def vote_box(boxes, sims, delta, quantile=0.0):
     b = boxes[voters]
     if not quantile:
         return ((w[:, None] * b).sum(axis=0) / w.sum()).astype(np.float32)
-    q = (quantile, quantile, 1 - quantile, 1 - quantile)
-    return np.array([_weighted_quantile(b[:, k], w, q[k]) for k in range(4)], np.float32)
-
-
-def _weighted_quantile(values, weights, q):
-    """The smallest of ``values`` whose cumulative share of ``weights`` (in value order) is >= q."""
-    order = np.argsort(values, kind="stable")
-    share = np.cumsum(weights[order]) / weights.sum()
-    return values[order][min(int(np.searchsorted(share, q)), len(values) - 1)]
+    # per edge: the smallest value whose cumulative weight share (in value order) reaches q
+    q = np.array([quantile, quantile, 1 - quantile, 1 - quantile])
+    order = np.argsort(b, axis=0, kind="stable")
+    share = np.cumsum(w[order], axis=0) / w.sum()
+    first = np.argmax(share >= q - 1e-12, axis=0)  # the last share is 1 >= q: always found
+    return np.take_along_axis(b, order, axis=0)[first, np.arange(4)].astype(np.float32)
 
 
 def class_agnostic_rerank(
