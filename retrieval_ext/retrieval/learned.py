@@ -194,6 +194,11 @@ def _region_vectors(index: IndexReader) -> np.ndarray:
     )
 
 
+# at most about this many region vectors learn the region whitening, which bounds its memory on
+# a large whitening dataset
+REGION_WHITENING_MAX_VECTORS = 65536
+
+
 def load_or_learn_region_whitening(
     extractor: FeatureExtractor,
     dataset: str,
@@ -228,7 +233,10 @@ def load_or_learn_region_whitening(
                 f"the index of {dataset!r} stores no {field}: the region whitening is learned on "
                 f"the region vectors searched (RETRIEVAL.RERANK_POOLING {pooling})"
             )
-        X = np.concatenate([index.regions(i)[field] for i in range(index.num_images)])
+        per_image = max(1, REGION_WHITENING_MAX_VECTORS // max(index.num_images, 1))
+        X = np.concatenate(  # the first proposals of each image: stored best first
+            [index.regions(i)[field][:per_image] for i in range(index.num_images)]
+        )
         what = f"{len(X)} {field} vectors of {index.num_images} images of {dataset}"
         if len(X) < max(int(min_vectors), 2):
             logger.warning(

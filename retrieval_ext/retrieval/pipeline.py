@@ -51,9 +51,9 @@ def region_compression(
 
     With ``REGION_PCA_DIM`` the PCA is learned on ``REGION_PCA_DATASET`` (default: the whitening
     dataset), see :func:`~.learned.load_or_learn_region_pca`; with ``REGION_DTYPE`` "pq" the
-    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`), on the region vectors
-    whitened as ``REGION_WHITENING`` says (:func:`region_whitening`; ``whitening``: a given
-    :class:`PCAWhitening` or None instead).
+    product quantiser is learned as ``REGION_PQ`` says (:func:`_region_pq`). The compression
+    carries the region whitening CA-SR ranks with (:func:`region_whitening`; ``whitening``: a
+    given :class:`PCAWhitening` or None instead of the config's).
 
     Raises:
         ValueError: PCA asked without a dataset to learn it on, or on the searched ``dataset``.
@@ -96,26 +96,7 @@ def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening
     w = r.REGION_WHITENING
     if not w.SOURCE:
         return None
-    if w.SOURCE == "collection":
-        source, sample = dataset, r.REGION_PQ.SAMPLE_IMAGES
-    elif w.SOURCE == "whitening_dataset":
-        if not r.WHITENING_DATASET:
-            raise ValueError(
-                "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset' needs a "
-                "RETRIEVAL.WHITENING_DATASET"
-            )
-        source, sample = r.WHITENING_DATASET, 0
-        if source == dataset:
-            logger.warning(
-                f"the region whitening is learned on {dataset!r}, the dataset searched, with "
-                "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset': say 'collection' to learn "
-                "it on a sample of the collection on purpose"
-            )
-    else:
-        raise ValueError(
-            "RETRIEVAL.REGION_WHITENING.SOURCE must be 'collection', 'whitening_dataset' or '', "
-            f"got {w.SOURCE!r}"
-        )
+    source, sample = _whitening_source(r, dataset)
     most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
     if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < w.MIN_VECTORS:
         logger.warning(
@@ -134,6 +115,31 @@ def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening
         min_vectors=w.MIN_VECTORS,
         cfg=cfg,
     )
+
+
+def _whitening_source(r, dataset: str) -> Tuple[str, int]:
+    """(dataset, images sampled: 0 = all) the region whitening of ``r.REGION_WHITENING`` is
+    learned on."""
+    source = r.REGION_WHITENING.SOURCE
+    if source == "collection":
+        return dataset, r.REGION_PQ.SAMPLE_IMAGES
+    if source != "whitening_dataset":
+        raise ValueError(
+            "RETRIEVAL.REGION_WHITENING.SOURCE must be 'collection', 'whitening_dataset' or '', "
+            f"got {source!r}"
+        )
+    if not r.WHITENING_DATASET:
+        raise ValueError(
+            "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset' needs a "
+            "RETRIEVAL.WHITENING_DATASET"
+        )
+    if r.WHITENING_DATASET == dataset:
+        logger.warning(
+            f"the region whitening is learned on {dataset!r}, the dataset searched, with "
+            "RETRIEVAL.REGION_WHITENING.SOURCE 'whitening_dataset': say 'collection' to learn "
+            "it on a sample of the collection on purpose"
+        )
+    return r.WHITENING_DATASET, 0
 
 
 def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
