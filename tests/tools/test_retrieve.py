@@ -35,8 +35,9 @@ from tests.common import (
 TOP_N = 4
 QE_M = 2
 # the config defaults the main run searches with (retrieval_ext/config.py)
-VOTE_DELTA = 0.05
-GATE_Z = 4.0
+VOTE_DELTA = 0.15
+VOTE_QUANTILE = 0.25
+GATE_Z = 7.0
 
 
 def _run(args, env, cwd):
@@ -116,13 +117,25 @@ def _gated(ids, scores, block, z):
     return [i for i, s in zip(ids[:QE_M], scores[:QE_M]) if _robust_z(s, block) >= z]
 
 
-def _vote(boxes, sims, delta):
-    """Box voting written out: the boxes within delta of the best cosine, weighted by cosine."""
+def _vote(boxes, sims, delta, q=VOTE_QUANTILE):
+    """Box voting written out: the boxes within delta of the best cosine, weighted by cosine;
+    each left / top edge the smallest voter edge whose weight share (from the left / top)
+    reaches q, each right / bottom edge the smallest one whose share reaches 1 - q."""
     sims = np.asarray(sims, dtype=np.float64)
     voters = sims >= sims.max() - delta
     w = np.clip(sims[voters], 0, None)
     w = w if w.sum() > 0 else np.ones_like(w)
-    return (w[:, None] * np.asarray(boxes, dtype=np.float64)[voters]).sum(axis=0) / w.sum()
+    b = np.asarray(boxes, dtype=np.float64)[voters]
+    out = []
+    for k, share in enumerate((q, q, 1 - q, 1 - q)):
+        pairs = sorted(zip(b[:, k], w), key=lambda p: p[0])
+        total = 0.0
+        for value, weight in pairs:
+            total += weight
+            if total / w.sum() >= share - 1e-12:
+                out.append(value)
+                break
+    return np.array(out)
 
 
 def test_outputs_are_written_under_output_dir(run):
