@@ -175,3 +175,22 @@ def test_the_tool_converts_an_old_index_without_extracting(old, tmp_path, monkey
 
 def _no_network(*args, **kwargs):
     raise AssertionError("the conversion ran the network")
+
+
+def test_the_tool_learns_the_collection_whitening_from_the_index(old, tmp_path, monkeypatch):
+    opts = ["RETRIEVAL.REGION_DTYPE", "int8", "RETRIEVAL.REGION_WHITENING.MIN_VECTORS", "10"]
+    opts += ["RETRIEVAL.REGION_WHITENING.DIM", "8"]
+    cfg = tiny_cfg("ZF", OPTS + ["MODEL.WEIGHTS", str(old["tmp"] / "zf.pth")] + opts)
+    monkeypatch.setattr(FeatureExtractor, "run", _no_network)  # nothing is extracted
+    dest = _tool().convert(cfg, str(old["tmp"] / "index"), str(tmp_path / "new"))
+    new, src = IndexReader(dest), old["index"]
+    w = RegionCompression.load(tmp_path / "new" / COMPRESSION_FILE).whitening
+    rows = np.concatenate([np.asarray(src.regions(i)["rpa_max"], np.float64) for i in range(20)])
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    assert w.out_dim == 8
+    np.testing.assert_allclose(w.mean, unit.mean(axis=0), atol=1e-5)  # the index's own vectors
+    a = np.asarray(src.regions(3)["rpa_max"], np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        new.regions(3)["rpa_max_wnorm"], np.linalg.norm(w.transform(a), axis=1), rtol=1e-3
+    )
