@@ -6,7 +6,8 @@ Every stage reads stored features only; the network never runs here.
 Gated QE (``qe_gate_z`` > 0, ``RETRIEVAL.QE_GATE_Z``): each QE stage averages in only those of
 the top M whose score stands out from the ranked top N (a robust z-score, see
 :meth:`IndexSearcher._gated_top`): the filtering scores for ``filtering_qe``, the CA-SR cosines
-for both ``ca_sr_qe`` forms, the CS-SR probabilities for ``cs_sr_qe``. When none does, the stage
+for both ``ca_sr_qe`` forms (whitened cosines, with a region whitening: their own threshold
+``qe_gate_z_whitened``), the CS-SR probabilities for ``cs_sr_qe``. When none does, the stage
 returns the ranking it would have expanded (filtering, CA-SR, CS-SR). With CA-SR box voting
 (``box_vote_delta``) the located box is the vote of the proposals that match nearly as well as
 the best.
@@ -99,6 +100,8 @@ class IndexSearcher:
             results whose robust z-score within the ranked top N reaches it
             (:func:`~retrieval_ext.retrieval.query_expansion.outlier_gate`, see
             :meth:`_gated_top`); when none does, the stage gives the unexpanded ranking.
+        qe_gate_z_whitened: the threshold of the ``ca_sr_qe`` gate when CA-SR ranks by the
+            whitened cosine (an index with a region whitening); only with ``qe_gate_z`` > 0.
         cs_sr_box: the box CS-SR (and CS-SR + QE) locate the object with in each reranked image:
             "class" (the paper): the proposal with the highest probability of the query's class
             (its class-regressed box when stored); "region": the image's CA-SR located box (the
@@ -133,6 +136,7 @@ class IndexSearcher:
         box_vote_delta: float = 0.0,
         box_vote_quantile: float = 0.0,
         qe_gate_z: float = 0.0,
+        qe_gate_z_whitened: float = 0.0,
         cs_sr_box: str = "auto",
         cs_sr_classifier: str = "model",
         cs_sr_temperature: float = 30.0,
@@ -149,7 +153,11 @@ class IndexSearcher:
         ]:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        for name, value in [("box_vote_delta", box_vote_delta), ("qe_gate_z", qe_gate_z)]:
+        for name, value in [
+            ("box_vote_delta", box_vote_delta),
+            ("qe_gate_z", qe_gate_z),
+            ("qe_gate_z_whitened", qe_gate_z_whitened),
+        ]:
             if not (value >= 0 and np.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (cs_sr_temperature > 0 and np.isfinite(cs_sr_temperature)):
@@ -175,6 +183,7 @@ class IndexSearcher:
         self.box_vote_delta = float(box_vote_delta)
         self.box_vote_quantile = float(box_vote_quantile)
         self.qe_gate_z = float(qe_gate_z)
+        self.qe_gate_z_whitened = float(qe_gate_z_whitened)
         if cs_sr_box == "auto":
             cs_sr_box = "region" if cs_sr_classifier == "queries" else "class"
         self.cs_sr_box = cs_sr_box
@@ -247,6 +256,7 @@ class IndexSearcher:
             "box_vote_delta": r.BOX_VOTE_DELTA,
             "box_vote_quantile": r.BOX_VOTE_QUANTILE,
             "qe_gate_z": r.QE_GATE_Z,
+            "qe_gate_z_whitened": r.QE_GATE_Z_WHITENED,
             "cs_sr_box": r.CS_SR_BOX,
             "cs_sr_classifier": r.CS_SR_CLASSIFIER,
             "cs_sr_temperature": r.CS_SR_TEMPERATURE,
@@ -462,7 +472,9 @@ class IndexSearcher:
         t = time.perf_counter()
         region = self.query_region_vector(q.record)
         if self.qe_gate_z:
-            top = self._gated_top(ca.order, ca.scores, q.qe_m, ca.top_n, ca.best_proposal)
+            # whitened cosines (a region whitening) have heavier tails: their own threshold
+            z = self.qe_gate_z_whitened if self._wnorms is not None else self.qe_gate_z
+            top = self._gated_top(ca.order, ca.scores, q.qe_m, ca.top_n, ca.best_proposal, z)
             if top.size == 0:  # nothing stands out: the CA-SR ranking
                 return replace(ca, seconds=time.perf_counter() - t)
         else:
@@ -499,13 +511,13 @@ class IndexSearcher:
         r = self._cs(q, order, scores, q.top_n)
         return StageResult.from_rerank(r, time.perf_counter() - t)
 
-    def _gated_top(self, order, scores, m, top_n, best_proposal=None) -> np.ndarray:
+    def _gated_top(self, order, scores, m, top_n, best_proposal=None, z=None) -> np.ndarray:
         """The database indices among the first ``m`` of a ranking that pass the QE gate.
 
         Candidates are the first ``m`` entries of a filtering ranking, or of a reranked one
         (``best_proposal`` given) the first ``min(m, top_n)`` that have a located proposal; each
         passes when its score's robust z-score within the scores of the first ``top_n`` entries
-        (the filtering top N, or the reranked block) reaches ``qe_gate_z``.
+        (the filtering top N, or the reranked block) reaches ``z`` (default ``qe_gate_z``).
 
         Returns:
             int64 (M',) database indices in ranking order, M' <= m (empty: nothing passes).
@@ -515,5 +527,6 @@ class IndexSearcher:
         else:
             idx = np.arange(min(int(m), int(top_n)))
             idx = idx[np.asarray(best_proposal)[idx] >= 0]
-        keep = outlier_gate(scores[idx], scores[: int(top_n)], z=self.qe_gate_z)
+        z = self.qe_gate_z if z is None else z
+        keep = outlier_gate(scores[idx], scores[: int(top_n)], z=z)
         return np.asarray(order, dtype=np.int64)[idx[keep]]

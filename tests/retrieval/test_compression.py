@@ -209,3 +209,21 @@ def test_region_whitening_refuses_a_region_pca():
     mean, comps = learn_region_pca(np.random.default_rng(1).random((50, 4)), 2)
     with pytest.raises(ValueError, match="cannot be combined"):
         RegionCompression(0, 2, "float16", mean=mean, components=comps, whitening=white)
+
+
+def test_the_whitened_ca_sr_gates_its_qe_with_its_own_threshold(tmp_path, monkeypatch):
+    from retrieval_ext.retrieval import search as search_mod
+    from retrieval_ext.retrieval.normalization import learn_region_whitening
+
+    src, _ = _index(tmp_path / "src", k=12, c=8)
+    white = learn_region_whitening(np.random.default_rng(7).random((600, 8)) ** 3, 6, 0.01)
+    comp = RegionCompression(dtype="float32", whitening=white)
+    dst = compress_index(src, tmp_path / "dst", comp, shard_size=3)
+    seen = []
+    real = search_mod.outlier_gate
+    monkeypatch.setattr(search_mod, "outlier_gate", lambda s, b, z: seen.append(z) or real(s, b, z))
+    query = {"ipa_sum": np.ones(8), "crop_max": np.arange(8.0)}
+    s = IndexSearcher(dst, top_n=10, qe_m=2, qe_gate_z=4.0, qe_gate_z_whitened=1e9)
+    res = s.search(query, ["filtering_qe", "ca_sr", "ca_sr_qe"])
+    assert seen == [4.0, 1e9]  # filtering QE with QE_GATE_Z, the whitened CA-SR with its own
+    assert res["ca_sr_qe"].order.tolist() == res["ca_sr"].order.tolist()  # nothing passed

@@ -26,8 +26,9 @@ def test_from_config_takes_the_retrieval_settings(index):
     s = IndexSearcher(cfg, index)
     assert (s.top_n, s.qe_m, s.filter_pooling, s.query_region) == (4, 2, "max", "rpa")
     assert (s.qe_rerank_mode, s.filter_top_k, s.whitening) == ("global", 5, None)
-    # RETRIEVAL.BOX_VOTE_DELTA / BOX_VOTE_QUANTILE / QE_GATE_Z defaults (config.py) reach it
-    assert (s.box_vote_delta, s.box_vote_quantile, s.qe_gate_z) == (0.15, 0.25, 7.0)
+    # RETRIEVAL.BOX_VOTE_DELTA / BOX_VOTE_QUANTILE / QE_GATE_Z(_WHITENED) defaults reach it
+    assert (s.box_vote_delta, s.box_vote_quantile) == (0.15, 0.25)
+    assert (s.qe_gate_z, s.qe_gate_z_whitened) == (4.0, 7.0)
     # the same searcher from plain arguments ranks the same way
     plain = IndexSearcher(
         index,
@@ -39,7 +40,8 @@ def test_from_config_takes_the_retrieval_settings(index):
         filter_top_k=5,
         box_vote_delta=0.15,
         box_vote_quantile=0.25,
-        qe_gate_z=7.0,
+        qe_gate_z=4.0,
+        qe_gate_z_whitened=7.0,
     )
     rng = np.random.default_rng(0)
     query = {"ipa_max": rng.random(8), "rpa_max": rng.random(8)}

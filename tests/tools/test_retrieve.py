@@ -37,7 +37,7 @@ QE_M = 2
 # the config defaults the main run searches with (retrieval_ext/config.py)
 VOTE_DELTA = 0.15
 VOTE_QUANTILE = 0.25
-GATE_Z = 7.0
+GATE_Z = 4.0  # no region whitening here (too few vectors): QE_GATE_Z
 
 
 def _run(args, env, cwd):
