@@ -39,7 +39,7 @@ from retrieval_ext.retrieval.index_weights import (  # noqa: E402
     weights_record,
 )
 from retrieval_ext.retrieval.indexing import check_index_model, index_manifest  # noqa: E402
-from retrieval_ext.retrieval.normalization import learn_region_whitening  # noqa: E402
+from retrieval_ext.retrieval.learned import region_whitening_of  # noqa: E402
 from retrieval_ext.retrieval.paths import index_paths  # noqa: E402
 from retrieval_ext.retrieval.pipeline import region_compression, region_whitening  # noqa: E402
 
@@ -64,13 +64,8 @@ def _whitening(cfg, extractor, source, dataset, work_dir):
         return region_whitening(cfg, extractor, dataset, work_dir)
     field = f"rpa_{cfg.RETRIEVAL.RERANK_POOLING}"
     vecs = region_vectors_sample(source, [field], cfg.RETRIEVAL.REGION_PQ.SAMPLE_IMAGES)
-    if len(vecs) < max(w.MIN_VECTORS, 2):
-        logger.warning(
-            f"{len(vecs)} {field} vectors of {source.root} are too few to learn the region "
-            f"whitening on (RETRIEVAL.REGION_WHITENING.MIN_VECTORS {w.MIN_VECTORS}): not whitened"
-        )
-        return None
-    return learn_region_whitening(vecs, w.DIM, w.EPS)
+    what = f"{len(vecs)} {field} vectors of the index {source.root}"
+    return region_whitening_of(vecs, w.DIM, w.EPS, w.MIN_VECTORS, what)
 
 
 def _compression(cfg, extractor, source, dataset, work_dir):

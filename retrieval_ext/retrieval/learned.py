@@ -27,6 +27,7 @@ __all__ = [
     "load_or_learn_region_pca",
     "load_or_learn_region_pq",
     "load_or_learn_whitening",
+    "region_whitening_of",
 ]
 
 logger = logging.getLogger("retrieval_ext")
@@ -238,15 +239,7 @@ def load_or_learn_region_whitening(
             [index.regions(i)[field][:per_image] for i in range(index.num_images)]
         )
         what = f"{len(X)} {field} vectors of {index.num_images} images of {dataset}"
-        if len(X) < max(int(min_vectors), 2):
-            logger.warning(
-                f"{what} are too few to learn the region whitening on (RETRIEVAL."
-                f"REGION_WHITENING.MIN_VECTORS {min_vectors}): region vectors are not whitened"
-            )
-            return _Learned(None)
-        w = learn_region_whitening(X, dim, eps)
-        logger.info(f"learned the region whitening ({w.out_dim} dims) on {what}")
-        return _Learned(w)
+        return _Learned(region_whitening_of(X, dim, eps, min_vectors, what))
 
     variant = f"{pooling}-d{dim}-e{eps:g}-s{sample_images}-min{min_vectors}"
     learned = load_or_learn(
@@ -261,6 +254,22 @@ def load_or_learn_region_whitening(
         **index_kwargs,
     )
     return learned.whitening
+
+
+def region_whitening_of(
+    vectors: np.ndarray, dim: int, eps: float, min_vectors: int, what: str
+) -> Optional[PCAWhitening]:
+    """:func:`~.normalization.learn_region_whitening` of ``vectors`` (described by ``what`` in
+    the log), or None with a warning when they are fewer than ``min_vectors``."""
+    if len(vectors) < max(int(min_vectors), 2):
+        logger.warning(
+            f"{what} are too few to learn the region whitening on (RETRIEVAL."
+            f"REGION_WHITENING.MIN_VECTORS {min_vectors}): region vectors are not whitened"
+        )
+        return None
+    w = learn_region_whitening(vectors, dim, eps)
+    logger.info(f"learned the region whitening ({w.out_dim} dims) on {what}")
+    return w
 
 
 class _Learned:

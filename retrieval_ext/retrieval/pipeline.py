@@ -97,8 +97,7 @@ def region_whitening(cfg, extractor, dataset, work_dir) -> Optional[PCAWhitening
     if not w.SOURCE:
         return None
     source, sample = _whitening_source(r, dataset)
-    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
-    if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < w.MIN_VECTORS:
+    if not _gives_vectors(cfg, source, sample, w.MIN_VECTORS):
         logger.warning(
             f"{source} cannot give RETRIEVAL.REGION_WHITENING.MIN_VECTORS ({w.MIN_VECTORS}) "
             "region vectors to learn the region whitening on: region vectors are not whitened"
@@ -142,6 +141,14 @@ def _whitening_source(r, dataset: str) -> Tuple[str, int]:
     return r.WHITENING_DATASET, 0
 
 
+def _gives_vectors(cfg, source: str, sample: int, min_vectors: int) -> bool:
+    """Whether ``source``'s database (``sample`` of its images; 0 = all) can give
+    ``min_vectors`` region vectors to learn on (images x ``MODEL.RETRIEVAL.NUM_PROPOSALS``),
+    checked before any image is indexed for it."""
+    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
+    return most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS >= min_vectors
+
+
 def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
     """The product-quantised region compression of ``RETRIEVAL.REGION_PQ``: learned on a sample
     of ``dataset`` itself, or on ``REGION_PQ.DATASET``."""
@@ -154,8 +161,7 @@ def _region_pq(cfg, extractor, dataset, work_dir) -> RegionCompression:
     source = r.REGION_PQ.DATASET or dataset
     own = source == dataset
     sample = r.REGION_PQ.SAMPLE_IMAGES if own else 0
-    most = min(len(get_dataset_dicts(f"{source}_db")), sample or 2**62)
-    if most * cfg.MODEL.RETRIEVAL.NUM_PROPOSALS < r.REGION_PQ.MIN_VECTORS:
+    if not _gives_vectors(cfg, source, sample, r.REGION_PQ.MIN_VECTORS):
         logger.warning(
             f"{source} cannot give RETRIEVAL.REGION_PQ.MIN_VECTORS ({r.REGION_PQ.MIN_VECTORS}) "
             "region vectors to learn a product quantiser on: region vectors are stored int8"
